@@ -1,0 +1,39 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = next(
+    line.split('"')[1] for line in (here / "convnextv2_hf" / "__init__.py").read_text().splitlines()
+    if line.startswith("__version__")
+)
+
+extras = {
+    "training": ["datasets>=3", "accelerate>=1.0", "evaluate>=0.4", "pillow>=10"],
+    "dev": ["pytest>=8", "timm>=1.0", "ruff>=0.5", "pillow>=10"],
+}
+extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
+
+setup(
+    name="convnextv2-hf",
+    version=version,
+    description="ConvNeXt V2 with FCMAE masked image modeling for Hugging Face transformers",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["convnextv2_hf", "convnextv2_hf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "transformers>=5.0,<6",
+        "safetensors>=0.4",
+        "huggingface_hub>=1.0",
+    ],
+    extras_require=extras,
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: MIT License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
