@@ -104,6 +104,19 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
             raise ValueError(f"fcmae_impl must be one of {FCMAE_IMPLEMENTATIONS}, got fcmae_impl={self.fcmae_impl!r}")
 
     @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """As transformers' ``from_dict``, but a config of another architecture is an error, not a warning."""
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            architectures = config_dict.get("architectures") or []
+            raise ValueError(
+                f"this is a checkpoint of another architecture (model_type={model_type!r}"
+                f"{', architectures=' + str(architectures) if architectures else ''}); ConvNeXt V2 models need "
+                f"model_type={cls.model_type!r}"
+            )
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> ConvNextV2Config:
         """Config of one of the eight official sizes (``atto`` ... ``huge``), with any field overridden.
 

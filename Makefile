@@ -1,0 +1,28 @@
+# `make demo` runs the main job, `make test` the whole test suite; both build .venv on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch and torchvision are installed first so pip takes the CPU-usable wheels this machine keeps on disk;
+# the package itself only declares ranges. Override for another platform: make test TORCH_SPEC="torch torchvision"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint clean
+
+$(BIN)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/quickstart.py
+
+test: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check convnextv2_hf tests examples
+
+clean:
+	rm -rf $(VENV) outputs
