@@ -98,7 +98,8 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
         if self.mask_patch_size <= 0 or self.mask_patch_size % self.total_stride != 0:
             raise ValueError(
                 f"mask_patch_size must be a positive multiple of the total stride {self.total_stride} "
-                f"(one masked patch covers whole positions of the last stage), got mask_patch_size={self.mask_patch_size}"
+                "(one masked patch covers whole positions of the last stage), "
+                f"got mask_patch_size={self.mask_patch_size}"
             )
         if self.fcmae_impl not in FCMAE_IMPLEMENTATIONS:
             raise ValueError(f"fcmae_impl must be one of {FCMAE_IMPLEMENTATIONS}, got fcmae_impl={self.fcmae_impl!r}")
@@ -125,7 +126,9 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
         """
         key = name.lower().removeprefix("convnextv2-").removeprefix("convnextv2_")
         if key not in PRESETS:
-            raise ValueError(f"unknown ConvNeXt V2 preset {name!r}; choose one of {sorted(PRESETS, key=list(PRESETS).index)}")
+            raise ValueError(
+                f"unknown ConvNeXt V2 preset {name!r}; choose one of {sorted(PRESETS, key=list(PRESETS).index)}"
+            )
         preset = PRESETS[key]
         fields = {"depths": list(preset["depths"]), "hidden_sizes": list(preset["hidden_sizes"]), "num_stages": 4}
         fields.update(overrides)

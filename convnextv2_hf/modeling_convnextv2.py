@@ -343,7 +343,9 @@ class ConvNextV2Stage(nn.Module):
 class ConvNextV2Encoder(nn.Module):
     def __init__(self, config: ConvNextV2Config):
         super().__init__()
-        drop_path_rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").split(config.depths)
+        drop_path_rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").split(
+            config.depths
+        )
         self.stages = nn.ModuleList()
         previous_channels = config.hidden_sizes[0]
         for i in range(config.num_stages):
@@ -533,7 +535,7 @@ class ConvNextV2Backbone(BackboneMixin, ConvNextV2PreTrainedModel):
         self.hidden_states_norms = nn.ModuleDict(
             {
                 stage: ConvNextV2LayerNorm(channels, data_format="channels_first")
-                for stage, channels in zip(self.out_features, self.channels)
+                for stage, channels in zip(self.out_features, self.channels, strict=True)
             }
         )
         self.post_init()
@@ -551,11 +553,13 @@ class ConvNextV2Backbone(BackboneMixin, ConvNextV2PreTrainedModel):
         hidden_states = encoder_outputs.hidden_states
         feature_maps = tuple(
             self.hidden_states_norms[stage](hidden_state)
-            for stage, hidden_state in zip(self.stage_names, hidden_states)
+            for stage, hidden_state in zip(self.stage_names, hidden_states, strict=True)
             if stage in self.out_features
         )
         output_hidden_states = _resolve(output_hidden_states, self.config.output_hidden_states)
-        output = BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states if output_hidden_states else None)
+        output = BackboneOutput(
+            feature_maps=feature_maps, hidden_states=hidden_states if output_hidden_states else None
+        )
         return output if _resolve(return_dict, self.config.return_dict) else output.to_tuple()
 
 
@@ -638,7 +642,9 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         if noise is None:
             noise = torch.rand(batch_size, num_patches, device=device)
         elif tuple(noise.shape) != (batch_size, num_patches):
-            raise ValueError(f"noise must have shape (batch, patches) = {(batch_size, num_patches)}, got {tuple(noise.shape)}")
+            raise ValueError(
+                f"noise must have shape (batch, patches) = {(batch_size, num_patches)}, got {tuple(noise.shape)}"
+            )
         rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)
         return rank >= num_kept
 
@@ -654,7 +660,9 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
             hidden_states = layer(hidden_states)
         prediction = self.decoder_pred(hidden_states)  # (N, stride² * C, h, w), one stride x stride tile each
         stride = self.config.total_stride
-        tiles = prediction.permute(0, 2, 3, 1).reshape(batch, height * width, stride * stride * self.config.num_channels)
+        tiles = prediction.permute(0, 2, 3, 1).reshape(
+            batch, height * width, stride * stride * self.config.num_channels
+        )
         image = self.unpatchify(tiles, (height * stride, width * stride), patch_size=stride)
         return self.patchify(image)
 

@@ -39,7 +39,9 @@ def make_images(num_images: int, size: int, seed: int) -> tuple[torch.Tensor, to
         elif label == 1:
             pattern = torch.sin(2 * math.pi * cols / period + phase[0])
         else:
-            pattern = torch.sin(2 * math.pi * rows / period + phase[0]) * torch.sin(2 * math.pi * cols / period + phase[1])
+            pattern = torch.sin(2 * math.pi * rows / period + phase[0]) * torch.sin(
+                2 * math.pi * cols / period + phase[1]
+            )
         colour = torch.rand(3, 1, 1, generator=generator) * 2 - 1
         noise = 0.3 * torch.randn(3, size, size, generator=generator)
         images.append(colour * pattern + noise)
@@ -117,7 +119,9 @@ def main() -> None:
     print(f"[4] reloaded {type(classifier).__name__}; held-out accuracy {accuracy:.1%} on {len(test_images)} images")
     for i in range(4):
         label = classifier.config.id2label[int(predictions[i])]
-        print(f"    image {i}: predicted {label!r} ({probabilities[i].max():.2f}), true {CLASSES[int(test_labels[i])]!r}")
+        print(
+            f"    image {i}: predicted {label!r} ({probabilities[i].max():.2f}), true {CLASSES[int(test_labels[i])]!r}"
+        )
     print(f"done in {time.perf_counter() - started:.0f}s; checkpoints in {output_dir}/")
 
 

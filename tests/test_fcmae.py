@@ -34,7 +34,13 @@ def test_output_shapes_and_exact_keep_count_per_sample():
     assert out.mask.shape == (4, num_patches)
     assert out.mask.sum(dim=1).tolist() == [num_patches - int(num_patches * 0.4)] * 4
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    assert [tuple(h.shape) for h in out.hidden_states] == [(4, 8, 40, 24), (4, 8, 40, 24), (4, 16, 20, 12), (4, 24, 10, 6), (4, 32, 5, 3)]
+    assert [tuple(h.shape) for h in out.hidden_states] == [
+        (4, 8, 40, 24),
+        (4, 8, 40, 24),
+        (4, 16, 20, 12),
+        (4, 24, 10, 6),
+        (4, 32, 5, 3),
+    ]
 
 
 def test_noise_makes_the_mask_reproducible_and_keeps_the_smallest_noise():
@@ -76,11 +82,11 @@ def test_sparse_and_dense_paths_agree(overrides, image_size):
     assert torch.equal(a.mask, b.mask)
     assert max_diff(a.logits, b.logits) <= PATH_TOLERANCE
     assert abs(a.loss.item() - b.loss.item()) <= PATH_TOLERANCE
-    for sparse_state, dense_state in zip(a.hidden_states, b.hidden_states):
+    for sparse_state, dense_state in zip(a.hidden_states, b.hidden_states, strict=True):
         assert max_diff(sparse_state, dense_state) <= PATH_TOLERANCE
     a.loss.backward()
     b.loss.backward()
-    for (name, p_sparse), p_dense in zip(sparse.named_parameters(), dense.parameters()):
+    for (name, p_sparse), p_dense in zip(sparse.named_parameters(), dense.parameters(), strict=True):
         if p_sparse.grad is None:
             assert p_dense.grad is None, name
             continue
@@ -99,7 +105,7 @@ def test_pixels_inside_removed_patches_change_no_logit(fcmae_impl):
         b = model(altered, bool_masked_pos=bool_masked_pos, output_hidden_states=True)
         c = model(altered, bool_masked_pos=bool_masked_pos.roll(1, dims=1))
     assert max_diff(a.logits, b.logits) <= 1e-6
-    for state_a, state_b in zip(a.hidden_states, b.hidden_states):
+    for state_a, state_b in zip(a.hidden_states, b.hidden_states, strict=True):
         assert max_diff(state_a, state_b) <= 1e-6
     assert a.loss.item() != b.loss.item()  # the targets did change
     assert max_diff(a.logits, c.logits) > 1e-2  # and a different mask does see other pixels
@@ -136,7 +142,9 @@ def reference_loss(pixels, logits, mask, patch_size, norm_pix_loss):
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
 @pytest.mark.parametrize("mask_patch_size", [32, 64])
 def test_loss_equals_an_independent_computation(norm_pix_loss, mask_patch_size):
-    model = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(norm_pix_loss=norm_pix_loss, mask_patch_size=mask_patch_size)))
+    model = randomize_(
+        ConvNextV2ForMaskedImageModeling(tiny_config(norm_pix_loss=norm_pix_loss, mask_patch_size=mask_patch_size))
+    )
     pixels = torch.randn(2, 3, 128, 192)
     with torch.no_grad():
         out = model(pixels)
@@ -214,11 +222,15 @@ def test_fcmae_weights_load_into_encoder_and_classifier_for_fine_tuning(tmp_path
     for name, tensor in encoder.state_dict().items():
         assert torch.equal(tensor, fcmae.state_dict()["convnextv2." + name]), name
 
-    classifier, info = ConvNextV2ForImageClassification.from_pretrained(tmp_path, num_labels=3, output_loading_info=True)
+    classifier, info = ConvNextV2ForImageClassification.from_pretrained(
+        tmp_path, num_labels=3, output_loading_info=True
+    )
     assert set(info["missing_keys"]) == {"classifier.weight", "classifier.bias"}
     assert set(info["unexpected_keys"]) == decoder_keys
-    assert torch.equal(classifier.convnextv2.encoder.stages[3].layers[0].grn.weight,
-                       fcmae.convnextv2.encoder.stages[3].layers[0].grn.weight)
+    assert torch.equal(
+        classifier.convnextv2.encoder.stages[3].layers[0].grn.weight,
+        fcmae.convnextv2.encoder.stages[3].layers[0].grn.weight,
+    )
 
 
 def test_encoder_checkpoint_loads_into_fcmae_with_a_new_decoder(tmp_path):
@@ -233,11 +245,18 @@ def test_encoder_checkpoint_loads_into_fcmae_with_a_new_decoder(tmp_path):
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda m: m(torch.randn(2, 3, 64, 64), bool_masked_pos=torch.zeros(2, 5, dtype=torch.bool)),
-         r"bool_masked_pos must have shape \(batch, patches\) = \(2, 4\) for 64x64 images"),
-        (lambda m: m(torch.randn(2, 3, 64, 64), noise=torch.rand(2, 9)), r"noise must have shape \(batch, patches\) = \(2, 4\)"),
-        (lambda m: m(torch.randn(2, 3, 64, 64), bool_masked_pos=torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])),
-         "same number of removed patches in every sample.*fcmae_impl='dense'"),
+        (
+            lambda m: m(torch.randn(2, 3, 64, 64), bool_masked_pos=torch.zeros(2, 5, dtype=torch.bool)),
+            r"bool_masked_pos must have shape \(batch, patches\) = \(2, 4\) for 64x64 images",
+        ),
+        (
+            lambda m: m(torch.randn(2, 3, 64, 64), noise=torch.rand(2, 9)),
+            r"noise must have shape \(batch, patches\) = \(2, 4\)",
+        ),
+        (
+            lambda m: m(torch.randn(2, 3, 64, 64), bool_masked_pos=torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])),
+            "same number of removed patches in every sample.*fcmae_impl='dense'",
+        ),
         (lambda m: m(torch.randn(2, 3, 64, 80)), "multiples of 32, got 64x80"),
         (lambda m: m(torch.randn(2, 1, 64, 64)), "has 1 channels but the model expects num_channels=3"),
         (lambda m: m(torch.randn(2, 3, 32, 32)), r"mask_ratio=0.6 keeps no patch of the 1"),

@@ -19,7 +19,16 @@ from convnextv2_hf.modeling_convnextv2 import ConvNextV2GRN, ConvNextV2Layer
 BUILTIN_TOLERANCE = 1e-5
 TIMM_TOLERANCE = 1e-4
 # official table (README beside OFFICIAL.md), params with a 1000-class head, in millions at the table's rounding
-OFFICIAL_PARAMS = {"atto": 3.7, "femto": 5.2, "pico": 9.1, "nano": 15.6, "tiny": 28.6, "base": 89, "large": 198, "huge": 660}
+OFFICIAL_PARAMS = {
+    "atto": 3.7,
+    "femto": 5.2,
+    "pico": 9.1,
+    "nano": 15.6,
+    "tiny": 28.6,
+    "base": 89,
+    "large": 198,
+    "huge": 660,
+}
 
 
 def builtin_config(config: ConvNextV2Config) -> transformers.ConvNextV2Config:
@@ -45,7 +54,7 @@ def test_classifier_matches_builtin_with_shared_weights(image_size, num_channels
         b = reference(pixels, output_hidden_states=True)
     assert max_diff(a.logits, b.logits) <= BUILTIN_TOLERANCE
     assert len(a.hidden_states) == len(b.hidden_states) == 5
-    for ours_state, reference_state in zip(a.hidden_states, b.hidden_states):
+    for ours_state, reference_state in zip(a.hidden_states, b.hidden_states, strict=True):
         assert max_diff(ours_state, reference_state) <= BUILTIN_TOLERANCE
 
 
@@ -73,7 +82,7 @@ def test_backbone_matches_builtin_feature_maps():
     with torch.no_grad():
         a, b = ours(pixels), reference(pixels)
     assert [tuple(m.shape) for m in a.feature_maps] == [(2, 8, 16, 32), (2, 16, 8, 16), (2, 32, 2, 4)]
-    for ours_map, reference_map in zip(a.feature_maps, b.feature_maps):
+    for ours_map, reference_map in zip(a.feature_maps, b.feature_maps, strict=True):
         assert max_diff(ours_map, reference_map) <= BUILTIN_TOLERANCE
     assert a.hidden_states is None
     assert len(ours(pixels, output_hidden_states=True).hidden_states) == 5
@@ -112,7 +121,9 @@ def to_timm_state_dict(state_dict: dict[str, torch.Tensor], timm_state: dict[str
 
 @pytest.mark.parametrize("preset", ["atto", "femto"])
 def test_classifier_matches_timm_convnextv2(preset):
-    ours = randomize_(ConvNextV2ForImageClassification(ConvNextV2Config.from_preset(preset, num_labels=1000)), scale=0.05)
+    ours = randomize_(
+        ConvNextV2ForImageClassification(ConvNextV2Config.from_preset(preset, num_labels=1000)), scale=0.05
+    )
     ours.eval()
     reference = timm.create_model(f"convnextv2_{preset}", pretrained=False).eval()
     reference.load_state_dict(to_timm_state_dict(ours.state_dict(), reference.state_dict()), strict=True)
@@ -186,7 +197,9 @@ def test_soft_labels_use_soft_cross_entropy(config):
         logits = model(pixels).logits
         mixed_loss = model(pixels, labels=mixed).loss
     assert abs(hard_loss.item() - soft_loss.item()) <= 1e-6
-    expected = (0.7 * torch.nn.functional.cross_entropy(logits, hard) + 0.3 * torch.nn.functional.cross_entropy(logits, hard.flip(0)))
+    expected = 0.7 * torch.nn.functional.cross_entropy(logits, hard) + 0.3 * torch.nn.functional.cross_entropy(
+        logits, hard.flip(0)
+    )
     assert abs(mixed_loss.item() - expected.item()) <= 1e-5
     with pytest.raises(ValueError, match="soft labels must have the logits' shape"):
         model(pixels, labels=soft[:, :3])
