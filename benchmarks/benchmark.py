@@ -1,0 +1,229 @@
+"""Throughput of our ConvNeXt V2 classes against the anchors, measured in the same run with identical weights.
+
+Anchors: transformers' built-in ConvNeXt V2 (and timm's, when installed) for inference and training; the
+dense (paper) FCMAE path for the sparse one. Prints a table of img/s, peak memory (CUDA only) and ratios,
+and writes JSON.
+
+    python benchmarks/benchmark.py                      # CPU defaults: tiny, batch 8, FCMAE tiny batch 8
+    python benchmarks/benchmark.py --device cuda --dtype bf16 --batch 256 --train-batch 128 \
+        --fcmae-model base --fcmae-batch 128 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import transformers
+from transformers.models import convnextv2 as builtin
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from convnextv2_hf import (  # noqa: E402
+    ConvNextV2Config,
+    ConvNextV2ForImageClassification,
+    ConvNextV2ForMaskedImageModeling,
+)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
+    parser.add_argument("--model", default="tiny", help="preset for inference and training")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8, help="inference batch")
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--fcmae-model", default="tiny")
+    parser.add_argument("--fcmae-batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile variants")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these groups: infer train fcmae")
+    parser.add_argument("--output", default="benchmarks/results.json")
+    return parser.parse_args()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        self.rows: list[dict] = []
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def measure(self, name: str, batch: int, step: Callable[[], None], anchor: str | None = None) -> dict:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(self.args.warmup):
+            step()
+        self.sync()
+        times = []
+        for _ in range(self.args.repeats):
+            start = time.perf_counter()
+            step()
+            self.sync()
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times)
+        row = {
+            "name": name,
+            "batch": batch,
+            "img_per_s": batch / median,
+            "median_s": median,
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if self.device.type == "cuda" else None,
+            "anchor": anchor,
+        }
+        self.rows.append(row)
+        print(f"  {name:<40} {row['img_per_s']:9.1f} img/s", flush=True)
+        return row
+
+    def ratio(self, row: dict) -> float | None:
+        anchors = {r["name"]: r for r in self.rows}
+        if row["anchor"] in anchors:
+            return row["img_per_s"] / anchors[row["anchor"]]["img_per_s"]
+        return None
+
+
+def classifier_pair(preset: str, device: torch.device):
+    """Our classifier and the built-in one with identical (perturbed) weights."""
+    config = ConvNextV2Config.from_preset(preset, num_labels=1000)
+    torch.manual_seed(0)
+    ours = ConvNextV2ForImageClassification(config)
+    with torch.no_grad():
+        for parameter in ours.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    fields = {k: v for k, v in config.to_dict().items() if k in builtin.ConvNextV2Config.__dataclass_fields__}
+    fields.pop("_out_features", None), fields.pop("_out_indices", None)
+    reference = builtin.ConvNextV2ForImageClassification(builtin.ConvNextV2Config(**fields))
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    return ours.to(device), reference.to(device)
+
+
+def timm_model(preset: str, device: torch.device):
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm.create_model(f"convnextv2_{preset}", pretrained=False).to(device)
+
+
+def run_inference(bench: Bench) -> None:
+    args = bench.args
+    print(f"inference, ConvNeXt V2-{args.model}, batch {args.batch}, {args.image_size}px")
+    ours, reference = classifier_pair(args.model, bench.device)
+    candidates = {"builtin": reference, "ours": ours, "timm": timm_model(args.model, bench.device)}
+    pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, device=bench.device)
+    modes = [("eager", False)] + ([("compile", True)] if args.compile else [])
+    for mode, compiled in modes:
+        for name, model in candidates.items():
+            if model is None:
+                continue
+            model = model.eval()
+            inputs = pixels
+            if compiled:
+                model = torch.compile(model.to(memory_format=torch.channels_last))
+                inputs = pixels.contiguous(memory_format=torch.channels_last)
+
+            def step(model=model, inputs=inputs):
+                with torch.inference_mode(), bench.autocast():
+                    model(inputs)
+
+            anchor = None if name == "builtin" else f"infer builtin {mode}"
+            bench.measure(f"infer {name} {mode}", args.batch, step, anchor)
+
+
+def training_step(model, make_loss, bench: Bench) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        with bench.autocast():
+            loss = make_loss(model)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_training(bench: Bench) -> None:
+    args = bench.args
+    print(f"training step (AdamW), ConvNeXt V2-{args.model}, batch {args.train_batch}")
+    ours, reference = classifier_pair(args.model, bench.device)
+    pixels = torch.randn(args.train_batch, 3, args.image_size, args.image_size, device=bench.device)
+    labels = torch.randint(0, 1000, (args.train_batch,), device=bench.device)
+    for name, model in (("builtin", reference), ("ours", ours)):
+        model.train()
+        step = training_step(model, lambda m: m(pixel_values=pixels, labels=labels).loss, bench)
+        bench.measure(f"train {name} eager", args.train_batch, step, None if name == "builtin" else "train builtin eager")
+
+
+def run_fcmae(bench: Bench) -> None:
+    args = bench.args
+    print(f"FCMAE pretraining step (decoder, loss, AdamW), ConvNeXt V2-{args.fcmae_model}, batch {args.fcmae_batch}")
+    pixels = torch.randn(args.fcmae_batch, 3, args.image_size, args.image_size, device=bench.device)
+    num_patches = (args.image_size // 32) ** 2
+    noise = torch.rand(args.fcmae_batch, num_patches, device=bench.device)
+    modes = [("eager", False)] + ([("compile", True)] if args.compile else [])
+    for mode, compiled in modes:
+        for impl in ("dense", "sparse"):
+            torch.manual_seed(0)
+            model = ConvNextV2ForMaskedImageModeling(ConvNextV2Config.from_preset(args.fcmae_model, fcmae_impl=impl))
+            model = model.to(bench.device).train()
+            forward = torch.compile(model) if compiled else model
+            step = training_step(forward, lambda m: m(pixels, noise=noise).loss, bench)
+            anchor = None if impl == "dense" else f"fcmae dense {mode}"
+            bench.measure(f"fcmae {impl} {mode}", args.fcmae_batch, step, anchor)
+
+
+def main() -> None:
+    args = parse_args()
+    bench = Bench(args)
+    torch.backends.cudnn.benchmark = True
+    device_name = torch.cuda.get_device_name() if bench.device.type == "cuda" else platform.processor() or "cpu"
+    print(
+        f"device {device_name} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, dtype {args.dtype}"
+    )
+    groups = {"infer": run_inference, "train": run_training, "fcmae": run_fcmae}
+    for group, run in groups.items():
+        if args.only is None or group in args.only:
+            run(bench)
+
+    print(f"\n{'case':<40} {'img/s':>9} {'peak GB':>8} {'ratio':>7}  anchor")
+    for row in bench.rows:
+        ratio = bench.ratio(row)
+        peak = f"{row['peak_gb']:.2f}" if row["peak_gb"] is not None else "-"
+        ratio_text = f"{ratio:.2f}x" if ratio is not None else "-"
+        print(f"{row['name']:<40} {row['img_per_s']:9.1f} {peak:>8} {ratio_text:>7}  {row['anchor'] or ''}")
+        row["ratio"] = ratio
+    result = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "args": vars(args),
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": bench.rows,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
