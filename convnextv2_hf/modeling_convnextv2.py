@@ -213,9 +213,17 @@ def _patch_offsets(cells: int, levels: int, device: torch.device) -> tuple[torch
 
 
 def build_stage_masks(
-    bool_masked_pos: torch.Tensor, grid: tuple[int, int], config: ConvNextV2Config, sparse: bool
+    bool_masked_pos: torch.Tensor,
+    grid: tuple[int, int],
+    config: ConvNextV2Config,
+    sparse: bool,
+    num_kept: int | None = None,
 ) -> list[_DenseStageMask | _SparseStageMask]:
-    """Per-stage views of a patch mask (N, L), True = removed, on a ``grid`` of (rows, cols) patches."""
+    """Per-stage views of a patch mask (N, L), True = removed, on a ``grid`` of (rows, cols) patches.
+
+    ``num_kept``: the kept-patch count of every sample when the caller knows it (a mask from
+    ``random_masking``); otherwise the sparse path reads and checks it from the mask, a host sync.
+    """
     batch = bool_masked_pos.shape[0]
     grid_rows, grid_cols = grid
     cells = config.mask_patch_size // config.total_stride  # last-stage positions per patch side
@@ -227,13 +235,14 @@ def build_stage_masks(
             stage_masks.append(_DenseStageMask(visible.repeat_interleave(scale, 2).repeat_interleave(scale, 3)))
         return stage_masks
 
-    kept_counts = (~bool_masked_pos).sum(dim=1)
-    if bool(torch.any(kept_counts != kept_counts[0])):
-        raise ValueError(
-            "the sparse FCMAE path needs the same number of removed patches in every sample, got per-sample kept "
-            f"counts {kept_counts.tolist()}; use ConvNextV2Config(fcmae_impl='dense') for masks that differ"
-        )
-    num_kept = int(kept_counts[0])
+    if num_kept is None:
+        kept_counts = (~bool_masked_pos).sum(dim=1)
+        if bool(torch.any(kept_counts != kept_counts[0])):
+            raise ValueError(
+                "the sparse FCMAE path needs the same number of removed patches in every sample, got per-sample "
+                f"kept counts {kept_counts.tolist()}; use ConvNextV2Config(fcmae_impl='dense') for masks that differ"
+            )
+        num_kept = int(kept_counts[0])
     # kept patches in ascending patch order
     ids_keep = torch.argsort(bool_masked_pos.to(torch.int32), dim=1, stable=True)[:, :num_kept]
     patch_rows, patch_cols = (ids_keep // grid_cols).unsqueeze(-1), (ids_keep % grid_cols).unsqueeze(-1)
@@ -630,15 +639,20 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         image = patches.reshape(batch, rows, cols, p, p, channels).permute(0, 5, 1, 3, 2, 4)
         return image.reshape(batch, channels, rows * p, cols * p)
 
-    def random_masking(self, batch_size: int, num_patches: int, noise: torch.Tensor | None = None, device=None):
-        """Bool mask (N, L), True = removed: per sample exactly ``int(L * (1 - mask_ratio))`` patches are kept,
-        those with the smallest ``noise`` (uniform random when not given)."""
+    def num_kept_patches(self, num_patches: int) -> int:
+        """``int(L * (1 - mask_ratio))``, the official keep count; at least one patch must stay visible."""
         num_kept = int(num_patches * (1 - self.config.mask_ratio))
         if num_kept == 0:
             raise ValueError(
                 f"mask_ratio={self.config.mask_ratio} keeps no patch of the {num_patches} in this image size; "
                 "lower mask_ratio or use larger images"
             )
+        return num_kept
+
+    def random_masking(self, batch_size: int, num_patches: int, noise: torch.Tensor | None = None, device=None):
+        """Bool mask (N, L), True = removed: per sample exactly ``num_kept_patches(L)`` patches are kept, those
+        with the smallest ``noise`` (uniform random when not given)."""
+        num_kept = self.num_kept_patches(num_patches)
         if noise is None:
             noise = torch.rand(batch_size, num_patches, device=device)
         elif tuple(noise.shape) != (batch_size, num_patches):
@@ -698,8 +712,10 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         batch, _, height, width = pixel_values.shape
         grid = (height // config.mask_patch_size, width // config.mask_patch_size)
         num_patches = grid[0] * grid[1]
+        num_kept = None  # known without looking at the mask only when we draw it
         if bool_masked_pos is None:
             bool_masked_pos = self.random_masking(batch, num_patches, noise, pixel_values.device)
+            num_kept = self.num_kept_patches(num_patches)
         elif tuple(bool_masked_pos.shape) != (batch, num_patches):
             raise ValueError(
                 f"bool_masked_pos must have shape (batch, patches) = {(batch, num_patches)} for {height}x{width} "
@@ -707,7 +723,8 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
             )
         bool_masked_pos = bool_masked_pos.bool()
 
-        stage_masks = build_stage_masks(bool_masked_pos, grid, config, sparse=config.fcmae_impl == "sparse")
+        sparse = config.fcmae_impl == "sparse"
+        stage_masks = build_stage_masks(bool_masked_pos, grid, config, sparse, num_kept)
         output_hidden_states = _resolve(output_hidden_states, config.output_hidden_states)
         embeddings = self.convnextv2.embeddings(pixel_values, stage_masks[0])
         encoder_outputs = self.convnextv2.encoder(embeddings, stage_masks, output_hidden_states=output_hidden_states)

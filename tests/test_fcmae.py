@@ -279,3 +279,20 @@ def test_dense_path_accepts_different_removed_counts_per_sample():
     bool_masked_pos = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
     out = model(torch.randn(2, 3, 64, 64), bool_masked_pos=bool_masked_pos)
     assert out.mask.sum().item() == 3 and torch.isfinite(out.loss)
+
+
+def test_torch_compile_of_the_sparse_path_matches_eager_without_graph_breaks():
+    model = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config())).train()
+    pixels, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 4)
+    compiled = torch.compile(model, fullgraph=True)  # a random mask needs no host sync
+    got = compiled(pixels, noise=noise)
+    got.loss.backward()
+    compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    expected = model(pixels, noise=noise)
+    expected.loss.backward()
+    assert max_diff(got.logits, expected.logits) <= 1e-5
+    assert abs(got.loss.item() - expected.loss.item()) <= 1e-6
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            assert max_diff(compiled_grads[name], parameter.grad) <= 1e-5, name
