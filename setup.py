@@ -10,7 +10,7 @@ version = next(
 
 extras = {
     "training": ["datasets>=3", "accelerate>=1.0", "evaluate>=0.4", "pillow>=10"],
-    "dev": ["pytest>=8", "timm>=1.0", "ruff>=0.5", "pillow>=10"],
+    "dev": ["pytest>=8", "timm>=1.0", "ruff>=0.5", "pillow>=10", "scikit-image>=0.22"],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 
@@ -26,6 +26,8 @@ setup(
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
+        "pillow>=10",
+        "numpy>=1.24",
         "transformers>=5.0,<6",
         "safetensors>=0.4",
         "huggingface_hub>=1.0",

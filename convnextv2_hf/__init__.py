@@ -2,13 +2,14 @@
 
 Importing this package registers its classes for the ``convnextv2`` model type in transformers' Auto
 classes (``AutoConfig``, ``AutoModel``, ``AutoModelForImageClassification``,
-``AutoModelForMaskedImageModeling``, ``AutoBackbone``), so every convnextv2 checkpoint, including those
-saved by stock transformers, loads into the classes below.
+``AutoModelForMaskedImageModeling``, ``AutoBackbone``, ``AutoImageProcessor``), so every convnextv2
+checkpoint, including those saved by stock transformers, loads into the classes below.
 """
 
 import transformers
 
 from .configuration_convnextv2 import PRESETS, ConvNextV2Config
+from .image_processing_convnextv2 import ConvNextV2ImageProcessor, ConvNextV2ImageProcessorPil
 from .modeling_convnextv2 import (
     ConvNextV2Backbone,
     ConvNextV2ForImageClassification,
@@ -33,6 +34,9 @@ def _register_auto_classes() -> None:
     ):
         for config_class in (ConvNextV2Config, transformers.ConvNextV2Config):
             auto_class.register(config_class, model_class, exist_ok=True)
+    processors = {"torchvision": ConvNextV2ImageProcessor, "pil": ConvNextV2ImageProcessorPil}
+    for config_class in (ConvNextV2Config, transformers.ConvNextV2Config):
+        transformers.AutoImageProcessor.register(config_class, image_processor_classes=processors, exist_ok=True)
 
 
 _register_auto_classes()
@@ -43,6 +47,8 @@ __all__ = [
     "ConvNextV2Config",
     "ConvNextV2ForImageClassification",
     "ConvNextV2ForMaskedImageModeling",
+    "ConvNextV2ImageProcessor",
+    "ConvNextV2ImageProcessorPil",
     "ConvNextV2MaskedImageModelingOutput",
     "ConvNextV2Model",
     "ConvNextV2PreTrainedModel",
