@@ -128,18 +128,20 @@ def test_saved_processor_gives_the_same_pixels_with_stock_transformers(tmp_path)
         save_classifier_folder(tmp_path / folder)
         ConvNextV2ImageProcessor(size={"shortest_edge": size}).save_pretrained(tmp_path / folder)
         photos()[photo_name].save(tmp_path / folder / "photo.png")
-    script = """
+    folders = json.dumps(list(cases))
+    script = f"""
 import sys, json; sys.modules['convnextv2_hf'] = None
 import PIL.Image, torch
 from transformers import AutoImageProcessor
-out = {}
-for folder in %r:
+out = {{}}
+for folder in {folders}:
     for backend in ("torchvision", "pil"):
         p = AutoImageProcessor.from_pretrained(folder, backend=backend)
         out[folder + backend] = type(p).__name__
-        torch.save(p(PIL.Image.open(folder + "/photo.png"), return_tensors="pt")["pixel_values"], folder + backend + ".pt")
+        pixels = p(PIL.Image.open(folder + "/photo.png"), return_tensors="pt")["pixel_values"]
+        torch.save(pixels, folder + backend + ".pt")
 print(json.dumps(out))
-""" % (list(cases),)
+"""
     result = subprocess.run(
         [sys.executable, "-c", script],
         cwd=tmp_path,
