@@ -129,8 +129,37 @@ def with_image_transform(dataset, transform, image_column: str = "image", label_
     return dataset.with_transform(apply)
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def image_folder_dataset(data_dir, transform=None, image_column: str = "image", label_column: str = "label"):
+    """Load ``data_dir`` as a ``datasets`` image folder (``data_dir/<split>/<class>/*.png`` or
+    ``data_dir/<class>/*.png``) and apply ``transform`` to every split with ``with_image_transform``.
+
+    Returns a ``DatasetDict``; ``ValueError`` when the folder does not exist or holds no images.
+    """
+    from pathlib import Path
+
+    from datasets import load_dataset
+
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise ValueError(f"image folder {str(root)!r} does not exist")
+    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*") if p.is_file()):
+        raise ValueError(f"image folder {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    splits = load_dataset("imagefolder", data_dir=str(root))
+    if transform is None:
+        return splits
+    for name in list(splits):
+        has_labels = label_column in splits[name].column_names
+        splits[name] = with_image_transform(splits[name], transform, image_column, label_column if has_labels else None)
+    return splits
+
+
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "MixUpCutMixCollator",
+    "image_folder_dataset",
     "fcmae_pretraining_transform",
     "finetuning_transform",
     "with_image_transform",

@@ -1,5 +1,6 @@
 """Training transforms and the MixUp/CutMix collator, on real photographs shipped by scikit-image."""
 
+import datasets
 import PIL.Image
 import pytest
 import torch
@@ -7,7 +8,13 @@ from conftest import tiny_config
 from skimage import data as skimage_data
 
 from convnextv2_hf import ConvNextV2ForImageClassification
-from convnextv2_hf.transforms import MixUpCutMixCollator, fcmae_pretraining_transform, finetuning_transform
+from convnextv2_hf.transforms import (
+    MixUpCutMixCollator,
+    fcmae_pretraining_transform,
+    finetuning_transform,
+    image_folder_dataset,
+    with_image_transform,
+)
 
 
 def photos() -> list[PIL.Image.Image]:
@@ -83,3 +90,48 @@ def test_collator_rejects_bad_settings():
         MixUpCutMixCollator(num_labels=1)
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         MixUpCutMixCollator(num_labels=3, label_smoothing=1.0)
+
+
+def write_image_folder(root, per_class=3):
+    """A real image folder on disk: crops of two scikit-image photos as two classes, train and validation."""
+    sources = {"cat": skimage_data.chelsea(), "coffee": skimage_data.coffee()}
+    for split in ("train", "validation"):
+        for name, array in sources.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                PIL.Image.fromarray(array[i * 20 : i * 20 + 200, i * 30 : i * 30 + 250]).save(
+                    root / split / name / f"{i}.png"
+                )
+
+
+def test_image_folder_dataset_applies_the_transform_to_every_split(tmp_path):
+    write_image_folder(tmp_path)
+    splits = image_folder_dataset(tmp_path, finetuning_transform(64))
+    assert set(splits) == {"train", "validation"}
+    example = splits["train"][0]
+    assert set(example) == {"pixel_values", "labels"}
+    assert example["pixel_values"].shape == (3, 64, 64)
+    assert sorted(e["labels"] for e in splits["validation"]) == [0, 0, 0, 1, 1, 1]
+    batch = MixUpCutMixCollator(num_labels=2)([splits["train"][i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 64, 64) and batch["labels"].shape == (4, 2)
+
+
+def test_with_image_transform_on_an_in_memory_dataset_and_bad_columns():
+    dataset = datasets.Dataset.from_dict({"img": photos()[:2], "y": [1, 0]}).cast_column("img", datasets.Image())
+    transformed = with_image_transform(dataset, fcmae_pretraining_transform(32), image_column="img", label_column="y")
+    assert transformed[1]["pixel_values"].shape == (3, 32, 32) and transformed[1]["labels"] == 0
+    unlabelled = with_image_transform(dataset, fcmae_pretraining_transform(32), image_column="img", label_column=None)
+    assert set(unlabelled[0]) == {"pixel_values"}
+    with pytest.raises(ValueError, match="image column 'image' not in the dataset's columns \\['img', 'y'\\]"):
+        with_image_transform(dataset, fcmae_pretraining_transform(32))
+    with pytest.raises(ValueError, match="label column 'label' not in"):
+        with_image_transform(dataset, fcmae_pretraining_transform(32), image_column="img")
+
+
+def test_image_folder_without_images_is_a_value_error(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="holds no images"):
+        image_folder_dataset(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        image_folder_dataset(tmp_path / "missing")
