@@ -212,6 +212,24 @@ def _patch_offsets(cells: int, levels: int, device: torch.device) -> tuple[torch
     return rows, cols
 
 
+def num_kept_patches(num_patches: int, mask_ratio: float) -> int:
+    """``int(L * (1 - mask_ratio))`` patches stay visible (the official rule); ``ValueError`` when none would."""
+    num_kept = int(num_patches * (1 - mask_ratio))
+    if num_kept == 0:
+        raise ValueError(
+            f"mask_ratio={mask_ratio} keeps no patch of the {num_patches} in this image size; "
+            "lower mask_ratio or use larger images"
+        )
+    return num_kept
+
+
+def draw_mask(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    """Bool mask (N, L), True = removed: each sample keeps its ``num_kept_patches`` smallest-noise patches."""
+    num_kept = num_kept_patches(noise.shape[1], mask_ratio)
+    rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)
+    return rank >= num_kept
+
+
 def build_stage_masks(
     bool_masked_pos: torch.Tensor,
     grid: tuple[int, int],
@@ -641,26 +659,18 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
 
     def num_kept_patches(self, num_patches: int) -> int:
         """``int(L * (1 - mask_ratio))``, the official keep count; at least one patch must stay visible."""
-        num_kept = int(num_patches * (1 - self.config.mask_ratio))
-        if num_kept == 0:
-            raise ValueError(
-                f"mask_ratio={self.config.mask_ratio} keeps no patch of the {num_patches} in this image size; "
-                "lower mask_ratio or use larger images"
-            )
-        return num_kept
+        return num_kept_patches(num_patches, self.config.mask_ratio)
 
     def random_masking(self, batch_size: int, num_patches: int, noise: torch.Tensor | None = None, device=None):
         """Bool mask (N, L), True = removed: per sample exactly ``num_kept_patches(L)`` patches are kept, those
         with the smallest ``noise`` (uniform random when not given)."""
-        num_kept = self.num_kept_patches(num_patches)
         if noise is None:
             noise = torch.rand(batch_size, num_patches, device=device)
         elif tuple(noise.shape) != (batch_size, num_patches):
             raise ValueError(
                 f"noise must have shape (batch, patches) = {(batch_size, num_patches)}, got {tuple(noise.shape)}"
             )
-        rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)
-        return rank >= num_kept
+        return draw_mask(noise, self.config.mask_ratio)
 
     def forward_decoder(self, latent: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
         """Encoder map (N, C_last, h, w) -> logits (N, L, mask_patch_size² * C)."""

@@ -1,0 +1,320 @@
+"""Plug-ins for the stock ``transformers.Trainer``: layer-wise lr decay, the FCMAE loss and its collator, EMA.
+
+Nothing here needs a Trainer subclass::
+
+    trainer = Trainer(
+        model=classifier,
+        args=args,
+        optimizer_cls_and_kwargs=layer_decay_optimizer(classifier, args, layer_decay=0.9),
+        callbacks=[EMACallback(decay=0.9999)],
+        ...
+    )
+    pretrainer = Trainer(model=fcmae, args=args, data_collator=FCMAECollator(fcmae.config, image_size=224),
+                         compute_loss_func=fcmae_loss, ...)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainingArguments
+from transformers.utils import logging
+
+from .configuration_convnextv2 import ConvNextV2Config
+from .modeling_convnextv2 import draw_mask
+
+logger = logging.get_logger(__name__)
+
+LAYER_DECAY_TYPES = ("single", "group")
+_STEM = re.compile(r"(^|\.)embeddings\.")
+_DOWNSAMPLE = re.compile(r"(^|\.)encoder\.stages\.(\d+)\.downsampling_layer\.")
+_BLOCK = re.compile(r"(^|\.)encoder\.stages\.(\d+)\.layers\.(\d+)\.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layer-wise learning-rate decay
+# ----------------------------------------------------------------------------------------------------------
+
+
+def layer_id(name: str, depths: list[int], layer_decay_type: str = "single") -> int:
+    """The official layer id of a parameter (OFFICIAL.md), from our (transformers') parameter name."""
+    if layer_decay_type == "single":
+        if _STEM.search(name):
+            return 1
+        if match := _DOWNSAMPLE.search(name):
+            return sum(depths[: int(match.group(2))]) + 1
+        if match := _BLOCK.search(name):
+            stage, block = int(match.group(2)), int(match.group(3))
+            return sum(depths[:stage]) + block + 1
+        return sum(depths) + 1
+    # "group": 12 groups for depths (3, 3, 27, 3), stage 2 in groups of three blocks
+    if _STEM.search(name):
+        return 0
+    if match := _DOWNSAMPLE.search(name):
+        return {1: 2, 2: 3, 3: 12}[int(match.group(2))]
+    if match := _BLOCK.search(name):
+        stage, block = int(match.group(2)), int(match.group(3))
+        return {0: 1, 1: 2, 3: 12}.get(stage, 3 + block // 3)
+    return 13
+
+
+def _num_layer_ids(depths: list[int], layer_decay_type: str) -> int:
+    return sum(depths) + 1 if layer_decay_type == "single" else 13
+
+
+def skips_weight_decay(name: str, parameter: nn.Parameter) -> bool:
+    """1-D parameters, biases and the GRN gamma/beta (shape (1, 1, 1, C), missed by a plain 1-D rule)."""
+    return parameter.ndim <= 1 or name.endswith(".bias") or ".grn." in name or name.endswith("mask_token")
+
+
+def layer_decay_param_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float, layer_decay_type: str = "single"
+) -> list[dict]:
+    """Torch param groups with ``params``, ``weight_decay``, ``lr_scale`` (and ``param_names``, ``layer_id``).
+
+    lr_scale of layer id k is ``layer_decay ** (max_id - k)``: 1.0 for the final norm and the head. Frozen
+    parameters are left out without shifting any scale. Groups are ordered by decreasing scale, so group 0
+    is the head's (the Trainer logs group 0's learning rate).
+    """
+    if layer_decay_type not in LAYER_DECAY_TYPES:
+        raise ValueError(f"layer_decay_type must be one of {LAYER_DECAY_TYPES}, got {layer_decay_type!r}")
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got layer_decay={layer_decay}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay}")
+    config = model.config
+    depths = list(config.depths)
+    if layer_decay_type == "group" and (len(depths) != 4 or depths[2] > 27):
+        raise ValueError(
+            f"layer_decay_type='group' is defined for 4 stages with at most 27 blocks in stage 3, got depths={depths}"
+        )
+    max_id = _num_layer_ids(depths, layer_decay_type)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        no_decay = skips_weight_decay(name, parameter)
+        index = layer_id(name, depths, layer_decay_type)
+        group = groups.setdefault(
+            (index, no_decay),
+            {
+                "params": [],
+                "param_names": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr_scale": layer_decay ** (max_id - index),
+                "layer_id": index,
+            },
+        )
+        group["params"].append(parameter)
+        group["param_names"].append(name)
+    return sorted(groups.values(), key=lambda g: (-g["lr_scale"], g["weight_decay"] == 0.0))
+
+
+def layer_decay_optimizer(
+    model: nn.Module,
+    args: TrainingArguments,
+    layer_decay: float,
+    layer_decay_type: str = "single",
+    weight_decay: float | None = None,
+) -> tuple[type[torch.optim.Optimizer], dict]:
+    """``optimizer_cls_and_kwargs`` for the stock Trainer: AdamW over ``layer_decay_param_groups`` with each
+    group's lr set to ``args.learning_rate * lr_scale``. The Trainer's scheduler multiplies every group's lr by
+    the same factor, so the ratios hold through warm-up and decay; on resume the same groups are rebuilt
+    before the optimizer state is loaded. Build a new tuple for each ``Trainer``."""
+    weight_decay = args.weight_decay if weight_decay is None else weight_decay
+    groups = layer_decay_param_groups(model, weight_decay, layer_decay, layer_decay_type)
+    for group in groups:
+        group["lr"] = args.learning_rate * group["lr_scale"]
+    kwargs = {"params": groups, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    return torch.optim.AdamW, kwargs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FCMAE with the Trainer
+# ----------------------------------------------------------------------------------------------------------
+
+
+class FCMAECollator:
+    """Batch ``pixel_values`` for FCMAE and draw each image's mask.
+
+    Adds ``noise`` (the model turns it into the mask) and ``labels``: the same mask as (N, L) with 1 at removed
+    and -100 at kept patches. The Trainer counts the non -100 labels over the accumulated and gathered batch
+    into ``num_items_in_batch``, which ``fcmae_loss`` divides by; the labels never reach the model. An example
+    may carry its own ``noise`` (L,) for a reproducible mask.
+    """
+
+    def __init__(self, config: ConvNextV2Config, image_size: int | tuple[int, int]):
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        patch = config.mask_patch_size
+        if height % patch or width % patch:
+            raise ValueError(f"image size {height}x{width} is not a multiple of mask_patch_size={patch}")
+        self.num_patches = (height // patch) * (width // patch)
+        self.mask_ratio = config.mask_ratio
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        pixel_values = torch.stack([torch.as_tensor(example["pixel_values"]) for example in examples])
+        noise = torch.stack(
+            [
+                torch.as_tensor(example["noise"]) if "noise" in example else torch.rand(self.num_patches)
+                for example in examples
+            ]
+        )
+        removed = draw_mask(noise, self.mask_ratio)
+        labels = torch.where(removed, 1, -100)
+        return {"pixel_values": pixel_values, "noise": noise, "labels": labels}
+
+
+def fcmae_loss(outputs, labels=None, num_items_in_batch=None) -> torch.Tensor:
+    """``Trainer(compute_loss_func=fcmae_loss)``: the sum of per-patch errors over removed patches divided by
+    the removed patches of the whole optimizer step (all accumulation steps and processes).
+
+    The Trainer multiplies by the world size and DDP averages gradients over processes, so a step equals one
+    process on the whole global batch. Without ``num_items_in_batch`` (no ``FCMAECollator`` labels) it is the
+    model's own loss, the mean over this batch's removed patches.
+    """
+    removed = outputs.mask.sum()
+    if num_items_in_batch is None:
+        return outputs.loss
+    return outputs.loss * removed / num_items_in_batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Callbacks
+# ----------------------------------------------------------------------------------------------------------
+
+EMA_WEIGHTS_NAME = "ema_model.safetensors"
+
+
+class EMACallback(TrainerCallback):
+    """Exponential moving average of the weights (``torch.optim.swa_utils.AveragedModel``), updated after every
+    optimizer step (official decay 0.9999). The EMA weights are saved in each checkpoint as
+    ``ema_model.safetensors`` and restored on resume. ``use_for_final_save=True`` copies them into the model
+    when training ends, so ``trainer.save_model()`` writes the EMA weights; ``evaluate_ema`` does the same for
+    a given evaluation (see ``ema_weights``).
+    """
+
+    def __init__(self, decay: float = 0.9999, use_for_final_save: bool = False):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.use_for_final_save = use_for_final_save
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None
+
+    def _build(self, model: nn.Module) -> None:
+        multi_avg_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(self.decay)
+        self.ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=multi_avg_fn, use_buffers=True)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._build(model)
+        if state.global_step == 0:
+            return
+        # resuming: the Trainer has loaded the checkpoint of step `global_step`, ours sits beside it
+        candidates = [Path(args.output_dir) / f"checkpoint-{state.global_step}" / EMA_WEIGHTS_NAME]
+        if args.resume_from_checkpoint:
+            candidates.insert(0, Path(args.resume_from_checkpoint) / EMA_WEIGHTS_NAME)
+        found = next((path for path in candidates if path.exists()), None)
+        if found is None:
+            logger.warning(f"resuming at step {state.global_step} without EMA weights; the average restarts here")
+        else:
+            self.load(found)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.ema.update_parameters(model)
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir() and args.should_save:
+            self.save(checkpoint / EMA_WEIGHTS_NAME)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.use_for_final_save and self.ema is not None:
+            self.copy_to(model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {k: v.detach().cpu().contiguous() for k, v in self.ema.module.state_dict().items()}
+        state["n_averaged"] = self.ema.n_averaged.detach().cpu().reshape(1)
+        return state
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.state_dict(), str(path))
+
+    def load(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        self.ema.n_averaged.copy_(state.pop("n_averaged").reshape(()))
+        self.ema.module.load_state_dict(state)
+
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite ``model``'s weights with the EMA weights."""
+        model.load_state_dict(self.ema.module.state_dict())
+
+
+class FCMAEReconstructionCallback(TrainerCallback):
+    """During FCMAE pretraining, write PNG grids (original | masked | reconstruction, one row per image) of a
+    fixed batch to ``<output_dir>/reconstructions/step-<N>.png`` every ``every_steps`` steps and at the end."""
+
+    def __init__(self, pixel_values: torch.Tensor, every_steps: int = 500, mean=None, std=None, seed: int = 0):
+        from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+        self.pixel_values = pixel_values
+        self.every_steps = every_steps
+        self.mean = torch.tensor(mean or IMAGENET_DEFAULT_MEAN).view(1, -1, 1, 1)
+        self.std = torch.tensor(std or IMAGENET_DEFAULT_STD).view(1, -1, 1, 1)
+        self.seed = seed
+        self.written: list[Path] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every_steps and state.global_step % self.every_steps == 0 and args.should_save:
+            self.write(model, Path(args.output_dir) / "reconstructions" / f"step-{state.global_step}.png")
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if args.should_save:
+            self.write(model, Path(args.output_dir) / "reconstructions" / f"step-{state.global_step}.png")
+
+    @torch.no_grad()
+    def write(self, model: nn.Module, path: Path) -> Path:
+        from torchvision.utils import save_image
+
+        was_training = model.training
+        model.eval()
+        pixels = self.pixel_values.to(next(model.parameters()).device)
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        patch = model.config.mask_patch_size
+        num_patches = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
+        noise = torch.rand(pixels.shape[0], num_patches, generator=generator).to(pixels.device)
+        outputs = model(pixels, noise=noise)
+        image_size = tuple(pixels.shape[-2:])
+        prediction = outputs.logits.float()
+        if model.config.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
+            target = model.patchify(pixels).float()
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            prediction = prediction * (var + 1e-6) ** 0.5 + mean
+        removed = outputs.mask.unsqueeze(-1)
+        target = model.patchify(pixels).float()
+        masked = model.unpatchify(target * (1 - removed), image_size)
+        filled = model.unpatchify(target * (1 - removed) + prediction * removed, image_size)
+        rows = torch.stack([pixels.float(), masked, filled], dim=1).flatten(0, 1).cpu()
+        rows = (rows * self.std + self.mean).clamp(0, 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(rows, path, nrow=3)
+        self.written.append(path)
+        model.train(was_training)
+        return path
+
+
+__all__ = [
+    "EMACallback",
+    "FCMAECollator",
+    "FCMAEReconstructionCallback",
+    "fcmae_loss",
+    "layer_decay_optimizer",
+    "layer_decay_param_groups",
+    "layer_id",
+    "skips_weight_decay",
+]

@@ -1,0 +1,323 @@
+"""Trainer plug-ins: layer-wise lr decay, the FCMAE loss under accumulation and DDP, EMA, reconstructions."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
+from convnextv2_hf.training import (
+    EMA_WEIGHTS_NAME,
+    EMACallback,
+    FCMAECollator,
+    FCMAEReconstructionCallback,
+    fcmae_loss,
+    layer_decay_optimizer,
+    layer_decay_param_groups,
+)
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+# --- layer decay: the official rules, written on the official parameter names ------------------------------
+
+
+def official_name(name: str) -> str:
+    """Our parameter name -> the official repository's name (OFFICIAL.md, "Checkpoint files")."""
+    name = name.removeprefix("convnextv2.")
+    if name.startswith("embeddings.patch_embeddings."):
+        return "downsample_layers.0.0." + name.split(".")[-1]
+    if name.startswith("embeddings.layernorm."):
+        return "downsample_layers.0.1." + name.split(".")[-1]
+    if ".downsampling_layer." in name:
+        _, _, stage, _, index, leaf = name.split(".")
+        return f"downsample_layers.{stage}.{index}.{leaf}"
+    if name.startswith("encoder.stages."):
+        _, _, stage, _, block, *rest = name.split(".")
+        return f"stages.{stage}.{block}." + ".".join(rest)
+    if name.startswith("layernorm."):
+        return "norm." + name.split(".")[-1]
+    return name.replace("classifier.", "head.")
+
+
+def official_single_id(name: str, depths: list[int]) -> int:
+    parts = name.split(".")
+    if parts[0] == "downsample_layers":
+        return sum(depths[: int(parts[1])]) + 1
+    if parts[0] == "stages":
+        return sum(depths[: int(parts[1])]) + int(parts[2]) + 1
+    return sum(depths) + 1
+
+
+def official_group_id(name: str) -> int:
+    parts = name.split(".")
+    if parts[0] == "downsample_layers":
+        return {0: 0, 1: 2, 2: 3, 3: 12}[int(parts[1])]
+    if parts[0] == "stages":
+        stage, block = int(parts[1]), int(parts[2])
+        return {0: 1, 1: 2, 3: 12}.get(stage, 3 + block // 3)
+    return 13
+
+
+def official_no_weight_decay(name: str, shape: torch.Size) -> bool:
+    return len(shape) == 1 or name.endswith(".bias") or name.endswith(("grn.gamma", "grn.beta", ".grn.weight"))
+
+
+def check_groups_against_rules(model, layer_decay_type, decay=0.8, weight_decay=0.05):
+    depths = list(model.config.depths)
+    groups = layer_decay_param_groups(model, weight_decay, decay, layer_decay_type)
+    seen = {}
+    for group in groups:
+        for name in group["param_names"]:
+            seen[name] = (group["lr_scale"], group["weight_decay"])
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(seen) == set(trainable)
+    for name, parameter in trainable.items():
+        official = official_name(name)
+        if layer_decay_type == "single":
+            expected_scale = decay ** (sum(depths) + 1 - official_single_id(official, depths))
+        else:
+            expected_scale = decay ** (13 - official_group_id(official))
+        expected_decay = 0.0 if official_no_weight_decay(name, parameter.shape) else weight_decay
+        assert seen[name] == pytest.approx((expected_scale, expected_decay)), (name, official)
+    return groups
+
+
+def test_single_layer_decay_follows_the_official_rules_for_atto():
+    model = ConvNextV2ForImageClassification(ConvNextV2Config.from_preset("atto", num_labels=10))
+    groups = check_groups_against_rules(model, "single")
+    assert groups[0]["lr_scale"] == 1.0 and "classifier.weight" in groups[0]["param_names"]
+    scales = sorted({g["lr_scale"] for g in groups}, reverse=True)
+    assert len(scales) == 13  # ids 1 .. 13: the stem and each downsampling share the id of the block after them
+    grn = [g for g in groups if "convnextv2.encoder.stages.0.layers.0.grn.weight" in g["param_names"]][0]
+    assert grn["weight_decay"] == 0.0
+
+
+def test_group_layer_decay_follows_the_official_rules_for_depths_3_3_27_3():
+    config = ConvNextV2Config(depths=[3, 3, 27, 3], hidden_sizes=[8, 8, 8, 8], num_labels=3)
+    groups = check_groups_against_rules(ConvNextV2ForImageClassification(config), "group", decay=0.6)
+    assert len({g["lr_scale"] for g in groups}) == 14  # ids 0 .. 13
+
+
+def test_frozen_parameters_are_left_out_without_shifting_scales():
+    model = ConvNextV2ForImageClassification(tiny_config())
+    expected = {
+        n: s for g in layer_decay_param_groups(model, 0.05, 0.7) for n in g["param_names"] for s in [g["lr_scale"]]
+    }
+    model.convnextv2.embeddings.requires_grad_(False)
+    model.convnextv2.encoder.stages[0].requires_grad_(False)
+    groups = layer_decay_param_groups(model, 0.05, 0.7)
+    got = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
+    assert not any(n.startswith(("convnextv2.embeddings", "convnextv2.encoder.stages.0.")) for n in got)
+    assert all(got[n] == expected[n] for n in got)
+    check_groups_against_rules(model, "single", decay=0.7)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layer_decay": 0.0}, r"layer_decay must be in \(0, 1\]"),
+        ({"layer_decay": -0.5}, "layer_decay must be in"),
+        ({"layer_decay": 0.9, "layer_decay_type": "block"}, "layer_decay_type must be one of"),
+        ({"layer_decay": 0.9, "weight_decay": -1.0}, "weight_decay must be >= 0"),
+    ],
+)
+def test_bad_layer_decay_arguments_raise_value_error(kwargs, message):
+    kwargs = {"weight_decay": 0.05, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        layer_decay_param_groups(ConvNextV2ForImageClassification(tiny_config()), **kwargs)
+
+
+# --- the Trainer ------------------------------------------------------------------------------------------
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    def __init__(self, count=16, num_labels=5, size=64):
+        generator = torch.Generator().manual_seed(1)
+        self.pixels = torch.randn(count, 3, size, size, generator=generator)
+        self.labels = torch.arange(count) % num_labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.pixels[index], "labels": self.labels[index]}
+
+
+class RecordLearningRates(TrainerCallback):
+    def __init__(self):
+        self.per_step, self.logged = [], []
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        self.per_step.append([group["lr"] for group in optimizer.param_groups])
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "learning_rate" in logs:
+            self.logged.append(logs["learning_rate"])
+
+
+def training_args(tmp_path, **overrides):
+    fields = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=8,
+        learning_rate=1e-3,
+        warmup_steps=3,
+        lr_scheduler_type="cosine",
+        weight_decay=0.05,
+        use_cpu=True,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        seed=0,
+    )
+    fields.update(overrides)
+    return TrainingArguments(**fields)
+
+
+def test_stock_trainer_keeps_every_group_ratio_through_warmup_and_decay(tmp_path):
+    torch.manual_seed(0)
+    model = ConvNextV2ForImageClassification(tiny_config())
+    args = training_args(tmp_path)
+    recorder = RecordLearningRates()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=LabelledImages(),
+        optimizer_cls_and_kwargs=layer_decay_optimizer(model, args, layer_decay=0.7),
+        callbacks=[recorder],
+    )
+    trainer.train()
+    scales = [g["lr_scale"] for g in trainer.optimizer.param_groups]
+    assert scales[0] == 1.0 and min(scales) == pytest.approx(0.7 ** (sum(model.config.depths)))
+    head_lrs = [lrs[0] for lrs in recorder.per_step]
+    assert head_lrs[1] > head_lrs[0] and head_lrs[-1] < max(head_lrs)  # warm-up, then cosine decay
+    for lrs in recorder.per_step:
+        if lrs[0] > 0:
+            assert [lr / lrs[0] for lr in lrs] == pytest.approx(scales)
+    # the logged learning rate is the head's (scale 1.0): it peaks at args.learning_rate. Logs show the lr a step
+    # used, on_step_end the one after the scheduler stepped, hence the shift by one.
+    assert max(recorder.logged) == pytest.approx(args.learning_rate)
+    assert recorder.logged[1:] == pytest.approx(head_lrs[:-1])
+
+
+def test_fcmae_loss_under_gradient_accumulation_and_ddp_equals_one_process(tmp_path):
+    """Real runs: 1 process batch 4; 1 process batch 2 x 2 accumulation; 2 gloo processes (torchrun) batch 2."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    script = str(SCRIPTS / "train_fcmae_steps.py")
+    runs = {
+        "single": [sys.executable, script, "single.st", "4", "1"],
+        "accumulated": [sys.executable, script, "accumulated.st", "2", "2"],
+        "ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, "ddp.st", "2", "1"],
+    }
+    for name, command in runs.items():
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+    single = load_file(tmp_path / "single.st")
+    initial = ConvNextV2ForMaskedImageModeling(
+        ConvNextV2Config(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32], decoder_hidden_size=16)
+    ).state_dict()
+    moved = max((single[k] - initial[k]).abs().max().item() for k in initial if "layernorm" not in k)
+    assert moved > 1e-3  # the runs did train
+    for name in ("accumulated", "ddp"):
+        other = load_file(tmp_path / f"{name}.st")
+        assert abs(other["train_loss"].item() - single["train_loss"].item()) <= 1e-5, name
+        assert max((other[k] - single[k]).abs().max().item() for k in single) <= 1e-5, name
+
+
+def test_fcmae_loss_is_the_models_own_loss_for_one_batch():
+    model = ConvNextV2ForMaskedImageModeling(tiny_config())
+    collator = FCMAECollator(model.config, image_size=64)
+    batch = collator([{"pixel_values": torch.randn(3, 64, 64)} for _ in range(3)])
+    labels = batch.pop("labels")
+    outputs = model(**batch)
+    assert torch.equal(outputs.mask.bool(), labels == 1)
+    num_items = (labels != -100).sum()
+    assert abs(fcmae_loss(outputs, labels, num_items).item() - outputs.loss.item()) <= 1e-6
+    assert fcmae_loss(outputs, labels, None) is outputs.loss
+    assert abs(fcmae_loss(outputs, labels, 2 * num_items).item() - outputs.loss.item() / 2) <= 1e-6
+
+
+def test_collator_rejects_image_sizes_off_the_patch_grid():
+    with pytest.raises(ValueError, match="image size 64x80 is not a multiple of mask_patch_size=32"):
+        FCMAECollator(tiny_config(), image_size=(64, 80))
+
+
+class StopAtStep(TrainerCallback):
+    """Interrupts training after ``step`` (as a killed job would, right after a checkpoint)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def test_ema_callback_averages_saves_and_restores_on_resume(tmp_path):
+    def run(output_dir, stop_at=None, resume=None):
+        torch.manual_seed(0)
+        model = ConvNextV2ForImageClassification(tiny_config())
+        args = training_args(output_dir, max_steps=6, save_strategy="steps", save_steps=3)
+        ema = EMACallback(decay=0.5)
+        callbacks = [ema] + ([StopAtStep(stop_at)] if stop_at else [])
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=LabelledImages(),
+            optimizer_cls_and_kwargs=layer_decay_optimizer(model, args, layer_decay=0.8),
+            callbacks=callbacks,
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return model, ema, trainer
+
+    full_model, full_ema, _ = run(tmp_path / "full")
+    assert (tmp_path / "full" / "checkpoint-3" / EMA_WEIGHTS_NAME).exists()
+    # an interrupted run stops after step 3 (checkpoint-3); a fresh Trainer resumes it to step 6
+    run(tmp_path / "interrupted", stop_at=3)
+    resumed_model, resumed_ema, trainer = run(
+        tmp_path / "interrupted", resume=str(tmp_path / "interrupted" / "checkpoint-3")
+    )
+    assert [len(g["params"]) for g in trainer.optimizer.param_groups] == [
+        len(g["params"]) for g in layer_decay_param_groups(resumed_model, 0.05, 0.8)
+    ]
+    for name, tensor in full_model.state_dict().items():
+        assert (resumed_model.state_dict()[name] - tensor).abs().max() <= 1e-6, name
+    full_average, resumed_average = full_ema.state_dict(), resumed_ema.state_dict()
+    assert full_average["n_averaged"].item() == resumed_average["n_averaged"].item() == 6
+    for name, tensor in full_average.items():
+        assert (resumed_average[name] - tensor).abs().max() <= 1e-6, name
+    # the average is not the model: it lags behind it
+    assert any((full_average[n] - t).abs().max() > 1e-6 for n, t in full_model.state_dict().items())
+
+
+def test_ema_matches_the_closed_form_average():
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema = EMACallback(decay=0.5)
+    ema._build(model)
+    values = [1.0, 3.0, 5.0]
+    for value in values:
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.on_step_end(None, None, None, model=model)
+    # AveragedModel starts from the first value, then e <- 0.5 e + 0.5 x
+    assert ema.ema.module.weight[0, 0].item() == pytest.approx(0.5 * (0.5 * 1.0 + 0.5 * 3.0) + 0.5 * 5.0)
+
+
+def test_reconstruction_callback_writes_png_grids(tmp_path):
+    import PIL.Image
+
+    model = ConvNextV2ForMaskedImageModeling(tiny_config())
+    callback = FCMAEReconstructionCallback(torch.randn(2, 3, 64, 96), every_steps=1)
+    path = callback.write(model, tmp_path / "grid.png")
+    image = PIL.Image.open(path)
+    assert image.size == (3 * 96 + 4 * 2, 2 * 64 + 3 * 2)  # 3 columns (original, masked, reconstruction)
