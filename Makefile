@@ -16,7 +16,7 @@ $(BIN)/.installed: setup.py
 	touch $@
 
 demo: $(BIN)/.installed
-	HF_HUB_OFFLINE=1 $(BIN)/python examples/quickstart.py
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/main_job.py
 
 test: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests

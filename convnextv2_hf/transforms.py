@@ -50,15 +50,15 @@ def finetuning_transform(
     rand_augment_magnitude: int = 9,
     rand_augment_ops: int = 2,
     random_erasing: float = 0.25,
+    horizontal_flip: bool = True,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> v2.Compose:
-    """The official fine-tuning augmentation (see the module docstring for how RandAugment differs)."""
-    steps = [
-        v2.RGB(),
-        v2.RandomResizedCrop(size, interpolation=BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(),
-    ]
+    """The official fine-tuning augmentation (see the module docstring for how RandAugment differs).
+    ``horizontal_flip=False`` for data whose classes a mirror changes (digits, text)."""
+    steps = [v2.RGB(), v2.RandomResizedCrop(size, interpolation=BICUBIC, antialias=True)]
+    if horizontal_flip:
+        steps.append(v2.RandomHorizontalFlip())
     if rand_augment_magnitude > 0:
         steps.append(v2.RandAugment(num_ops=rand_augment_ops, magnitude=rand_augment_magnitude, interpolation=BICUBIC))
     steps += _to_normalised_tensor(mean, std)
@@ -68,10 +68,12 @@ def finetuning_transform(
 
 
 class MixUpCutMixCollator:
-    """Collate ``{"pixel_values", "labels"}`` examples, then mix the batch with MixUp or CutMix.
+    """Collate ``{"pixel_values", "labels"}`` examples, then mix training batches with MixUp or CutMix.
 
-    Labels come out as (N, num_labels) float soft targets, smoothed by ``label_smoothing`` first (as the
-    official recipe does). With both alphas 0 only the smoothing is applied.
+    Labels of training batches come out as (N, num_labels) float soft targets, smoothed by ``label_smoothing``
+    (as the official recipe does); with both alphas 0 only the smoothing is applied. The Trainer collates
+    evaluation batches with the same collator: only batches whose examples carry ``mixable=True`` (see
+    ``with_image_transform(..., mixable=True)``) are mixed; others keep their class ids, as metrics need.
     """
 
     def __init__(
@@ -100,6 +102,8 @@ class MixUpCutMixCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         pixel_values = torch.stack([torch.as_tensor(example["pixel_values"]) for example in examples])
         labels = torch.as_tensor([int(example["labels"]) for example in examples])
+        if not all(example.get("mixable", False) for example in examples):
+            return {"pixel_values": pixel_values, "labels": labels}
         if self.mix is not None:
             pixel_values, targets = self.mix(pixel_values, labels)  # mixed one-hot targets
         else:
@@ -109,9 +113,16 @@ class MixUpCutMixCollator:
         return {"pixel_values": pixel_values, "labels": targets}
 
 
-def with_image_transform(dataset, transform, image_column: str = "image", label_column: str | None = "label"):
+def with_image_transform(
+    dataset,
+    transform,
+    image_column: str = "image",
+    label_column: str | None = "label",
+    mixable: bool = False,
+):
     """``dataset.with_transform`` for a ``datasets`` image dataset: each example becomes ``pixel_values`` (and
-    ``labels`` when ``label_column`` is set). Train with ``remove_unused_columns=False``."""
+    ``labels`` when ``label_column`` is set; ``mixable=True`` marks training examples for
+    ``MixUpCutMixCollator``). Train with ``remove_unused_columns=False``."""
     columns = dataset.column_names
     if image_column not in columns:
         raise ValueError(f"image column {image_column!r} not in the dataset's columns {columns}")
@@ -124,6 +135,8 @@ def with_image_transform(dataset, transform, image_column: str = "image", label_
         output = {"pixel_values": [transform(image) for image in batch[image_column]]}
         if label_column is not None:
             output["labels"] = batch[label_column]
+        if mixable:
+            output["mixable"] = [True] * len(output["pixel_values"])
         return output
 
     return dataset.with_transform(apply)

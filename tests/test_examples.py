@@ -1,21 +1,106 @@
+"""The example scripts: the main job end to end (shortened), argument checks, evaluation."""
+
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import PIL.Image
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import evaluate_classifier  # noqa: E402
+import finetune_image_classification  # noqa: E402
+import pretrain_fcmae  # noqa: E402
 
 
-def test_quickstart_runs_end_to_end_and_writes_loadable_checkpoints(tmp_path):
+@pytest.fixture(scope="module")
+def main_job_output(tmp_path_factory):
+    output = tmp_path_factory.mktemp("main_job")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--output-dir", str(tmp_path), "--steps", "6"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"),
-    )
+        [sys.executable, str(ROOT / "examples" / "main_job.py"), "--output_dir", str(output), "--quick"],
+        capture_output=True, text=True, timeout=900, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[4] reloaded ConvNextV2ForImageClassification; held-out accuracy" in result.stdout
-    for folder in ("fcmae", "classifier"):
-        assert (tmp_path / folder / "model.safetensors").stat().st_size > 1_000_000
-        assert (tmp_path / folder / "modeling_convnextv2.py").exists()
+    return output, result.stdout
+
+
+def test_main_job_writes_a_hub_ready_folder_and_reports_both_accuracies(main_job_output):
+    output, stdout = main_job_output
+    assert "[3] held-out accuracy: FCMAE-pretrained" in stdout and "from random initialisation" in stdout
+    assert "reloaded with pipeline('image-classification')" in stdout
+    folder = output / "classifier"
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "modeling_convnextv2.py"):
+        assert (folder / name).exists(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert config["id2label"] == {str(i): str(i) for i in range(10)}
+    assert "model-index" in (folder / "README.md").read_text() or "---" in (folder / "README.md").read_text()
+    summary = json.loads((output / "summary.json").read_text())
+    assert 0.0 <= summary["held_out_accuracy_fcmae_pretrained"] <= 1.0
+    assert list((output / "fcmae").glob("model.safetensors"))
+
+
+def test_evaluate_script_agrees_with_the_trainer_evaluation(main_job_output):
+    output, _ = main_job_output
+    summary = json.loads((output / "summary.json").read_text())
+    results = evaluate_classifier.main(
+        ["--model_name_or_path", str(output / "classifier"), "--data_dir", str(output / "digits" / "validation")]
+    )
+    assert results["num_images"] == 360
+    assert results["accuracy"] == pytest.approx(summary["held_out_accuracy_fcmae_pretrained"], abs=1e-6)
+    assert results["top5_accuracy"] >= results["accuracy"]
+
+
+def digit_folder(root: Path, classes=("a", "b"), per_class=2, splits=("train", "validation")) -> Path:
+    for split in splits:
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                PIL.Image.new("RGB", (64, 64), color=(40 * i, 80, 120)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def finetune_args(tmp_path, *extra):
+    return ["--output_dir", str(tmp_path / "out"), "--use_cpu", "--report_to", "none", "--max_steps", "1", *extra]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model_size", "gigantic"], "unknown model size 'gigantic'"),
+        (["--layer_decay", "0"], r"layer_decay must be in \(0, 1\], got 0"),
+        (["--layer_decay", "-0.5"], "layer_decay must be in"),
+        (["--recipe", "small"], "unknown recipe 'small'"),
+    ],
+)
+def test_finetune_rejects_bad_arguments_before_training(tmp_path, extra, message):
+    data = digit_folder(tmp_path / "data")
+    with pytest.raises(ValueError, match=message):
+        finetune_image_classification.main(finetune_args(tmp_path, "--data_dir", str(data), *extra))
+    assert not (tmp_path / "out").exists()
+
+
+def test_finetune_rejects_a_folder_without_images(tmp_path):
+    (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no images"):
+        finetune_image_classification.main(finetune_args(tmp_path, "--data_dir", str(tmp_path / "empty")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_finetune_rejects_a_class_missing_from_the_validation_split(tmp_path):
+    data = digit_folder(tmp_path / "data", classes=("a", "b", "c"), splits=("train",))
+    digit_folder(tmp_path / "data", classes=("a", "b"), splits=("validation",))
+    with pytest.raises(ValueError, match=r"class\(es\) \['c'\] have no image in the validation split"):
+        finetune_image_classification.main(finetune_args(tmp_path, "--data_dir", str(data)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_pretrain_rejects_bad_arguments(tmp_path):
+    data = digit_folder(tmp_path / "data")
+    with pytest.raises(ValueError, match="unknown model size 'gigantic'"):
+        pretrain_fcmae.main(finetune_args(tmp_path, "--train_dir", str(data / "train"), "--model_size", "gigantic"))
+    with pytest.raises(ValueError, match="exactly one of --train_dir and --dataset_name"):
+        pretrain_fcmae.main(finetune_args(tmp_path))

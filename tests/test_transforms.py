@@ -50,8 +50,17 @@ def test_fcmae_crops_cover_at_least_a_fifth_of_the_image():
     assert min(areas) >= 0.2 * 0.9 and max(areas) <= 1.0
 
 
-def examples(count=8, num_labels=4):
-    return [{"pixel_values": torch.randn(3, 32, 32), "labels": i % num_labels} for i in range(count)]
+def examples(count=8, num_labels=4, mixable=True):
+    return [
+        {"pixel_values": torch.randn(3, 32, 32), "labels": i % num_labels, "mixable": mixable} for i in range(count)
+    ]
+
+
+def test_collator_leaves_unmarked_evaluation_batches_alone():
+    batch = examples(4, mixable=False)
+    collated = MixUpCutMixCollator(num_labels=4)(batch)
+    assert torch.equal(collated["labels"], torch.tensor([0, 1, 2, 3]))
+    assert torch.equal(collated["pixel_values"], torch.stack([e["pixel_values"] for e in batch]))
 
 
 def test_collator_mixes_images_and_gives_smoothed_soft_labels():
@@ -77,7 +86,7 @@ def test_collator_without_mixing_only_smooths():
 def test_classifier_trains_on_collated_soft_labels():
     model = ConvNextV2ForImageClassification(tiny_config(num_labels=4))
     batch = MixUpCutMixCollator(num_labels=4)(
-        [{"pixel_values": torch.randn(3, 64, 64), "labels": i % 4} for i in range(4)]
+        [{"pixel_values": torch.randn(3, 64, 64), "labels": i % 4, "mixable": True} for i in range(4)]
     )
     loss = model(**batch).loss
     expected = -(batch["labels"] * model(batch["pixel_values"]).logits.log_softmax(-1)).sum(-1).mean()
@@ -106,10 +115,13 @@ def write_image_folder(root, per_class=3):
 
 def test_image_folder_dataset_applies_the_transform_to_every_split(tmp_path):
     write_image_folder(tmp_path)
-    splits = image_folder_dataset(tmp_path, finetuning_transform(64))
+    splits = image_folder_dataset(tmp_path)
+    splits = {
+        name: with_image_transform(split, finetuning_transform(64), mixable=True) for name, split in splits.items()
+    }
     assert set(splits) == {"train", "validation"}
     example = splits["train"][0]
-    assert set(example) == {"pixel_values", "labels"}
+    assert set(example) == {"pixel_values", "labels", "mixable"}
     assert example["pixel_values"].shape == (3, 64, 64)
     assert sorted(e["labels"] for e in splits["validation"]) == [0, 0, 0, 1, 1, 1]
     batch = MixUpCutMixCollator(num_labels=2)([splits["train"][i] for i in range(4)])

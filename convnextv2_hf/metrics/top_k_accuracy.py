@@ -1,0 +1,28 @@
+"""Top-1 and top-k accuracy as an ``evaluate`` metric: predictions are (N, num_labels) scores or logits."""
+
+import datasets
+import evaluate
+import numpy as np
+
+
+class TopKAccuracy(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="Fraction of samples whose label is the top-1 prediction, and among the top-k predictions.",
+            citation="",
+            inputs_description="predictions: (N, num_labels) scores; references: (N,) class ids; k: int (default 5)",
+            features=datasets.Features(
+                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
+            ),
+        )
+
+    def _compute(self, predictions, references, k: int = 5):
+        scores, labels = np.asarray(predictions, dtype=np.float64), np.asarray(references)
+        if scores.ndim != 2 or len(scores) != len(labels) or len(labels) == 0:
+            raise ValueError(f"expected (N, num_labels) predictions for N={len(labels)} references, got {scores.shape}")
+        k = min(k, scores.shape[1])
+        ranked = np.argsort(-scores, axis=1, kind="stable")
+        return {
+            "accuracy": float((ranked[:, 0] == labels).mean()),
+            f"top{k}_accuracy": float((ranked[:, :k] == labels[:, None]).any(axis=1).mean()),
+        }
