@@ -104,3 +104,24 @@ def test_pretrain_rejects_bad_arguments(tmp_path):
         pretrain_fcmae.main(finetune_args(tmp_path, "--train_dir", str(data / "train"), "--model_size", "gigantic"))
     with pytest.raises(ValueError, match="exactly one of --train_dir and --dataset_name"):
         pretrain_fcmae.main(finetune_args(tmp_path))
+
+
+def test_finetune_script_runs_unchanged_under_torchrun_with_two_processes(tmp_path):
+    data = digit_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=4)
+    output = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        str(ROOT / "examples" / "finetune_image_classification.py"),
+        "--data_dir", str(data), "--model_size", "atto", "--image_size", "64", "--output_dir", str(output),
+        "--use_cpu", "--report_to", "none", "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--per_device_eval_batch_size", "4", "--recipe", "tiny", "--ema_decay", "0.9", "--save_strategy", "no",
+        "--ddp_find_unused_parameters", "false",
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((output / "eval_results.json").read_text())
+    # 12 training images, 2 processes x 2 per device: 3 steps per epoch (6 with one process), 2 steps done
+    assert metrics["epoch"] == pytest.approx(2 / 3, abs=1e-3)
+    assert {"eval_accuracy", "eval_ema_accuracy", "eval_top5_accuracy"} <= set(metrics)
+    assert (output / "model.safetensors").exists() and (output / "preprocessor_config.json").exists()

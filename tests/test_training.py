@@ -321,3 +321,19 @@ def test_reconstruction_callback_writes_png_grids(tmp_path):
     path = callback.write(model, tmp_path / "grid.png")
     image = PIL.Image.open(path)
     assert image.size == (3 * 96 + 4 * 2, 2 * 64 + 3 * 2)  # 3 columns (original, masked, reconstruction)
+
+
+def test_ema_weights_become_the_model_when_asked_for_the_final_save(tmp_path):
+    torch.manual_seed(0)
+    model = ConvNextV2ForImageClassification(tiny_config())
+    args = training_args(tmp_path, max_steps=3)
+    ema = EMACallback(decay=0.9, use_for_final_save=True)
+    Trainer(model=model, args=args, train_dataset=LabelledImages(), callbacks=[ema]).train()
+    for name, tensor in ema.ema.module.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert ema.ema.n_averaged.item() == 3
+
+
+def test_ema_decay_must_be_a_fraction():
+    with pytest.raises(ValueError, match=r"EMA decay must be in \(0, 1\)"):
+        EMACallback(decay=1.0)

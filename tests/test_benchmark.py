@@ -1,0 +1,31 @@
+"""The benchmark script runs end to end at tiny sizes (so it cannot rot); its ratios are output, not asserted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_runs_every_group_and_writes_ratios(tmp_path):
+    output = tmp_path / "results.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--model", "atto", "--fcmae-model", "atto",
+        "--image-size", "64", "--batch", "2", "--train-batch", "2", "--fcmae-batch", "2", "--warmup", "0",
+        "--repeats", "1", "--output", str(output),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["name"]: row for row in json.loads(output.read_text())["rows"]}
+    expected = {
+        "infer builtin eager", "infer ours eager", "infer timm eager", "train builtin eager", "train ours eager",
+        "fcmae dense eager", "fcmae sparse eager",
+    }  # fmt: skip
+    assert expected <= set(rows)
+    assert all(row["img_per_s"] > 0 for row in rows.values())
+    assert rows["fcmae sparse eager"]["ratio"] > 0 and rows["fcmae sparse eager"]["anchor"] == "fcmae dense eager"
+    assert "ratio" in result.stdout and "fcmae sparse eager" in result.stdout
