@@ -1,0 +1,27 @@
+"""Regenerate the committed model cards (``model_cards/<repo name>.md``) of the 26 official checkpoints from
+``model_cards/template.md`` and the checkpoint table.
+
+    python conversion_scripts/generate_model_cards.py [--output-dir model_cards] [--namespace convnextv2-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from convnextv2_hf.checkpoints import DEFAULT_HUB_NAMESPACE
+from convnextv2_hf.model_card import write_model_cards
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parents[1] / "model_cards"))
+    parser.add_argument("--namespace", default=DEFAULT_HUB_NAMESPACE)
+    args = parser.parse_args(argv)
+    paths = write_model_cards(args.output_dir, args.namespace)
+    print(f"wrote {len(paths)} model cards into {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

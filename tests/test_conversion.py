@@ -1,0 +1,643 @@
+"""Conversion of official checkpoints: the table, the three layouts, verification against timm, bad inputs,
+model cards, convert-all and pushing to a local fake Hub.
+
+Checkpoints are synthetic: random weights written here in each official layout (key names and shapes as in
+OFFICIAL.md and the official code). The sparse (pretraining) layout is written from dense tensors with the
+inverse of the documented kernel remapping, so converting it back must reproduce the dense model.
+"""
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from hub_server import hub_server  # noqa: F401  (fixture)
+from huggingface_hub import ModelCard
+from timm.models.convnext import checkpoint_filter_fn
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from convnextv2_hf import (
+    ConvNextV2ForImageClassification,
+    ConvNextV2ForMaskedImageModeling,
+    ConvNextV2Model,
+)
+from convnextv2_hf import conversion as conversion_module
+from convnextv2_hf.checkpoints import (
+    FCMAE,
+    FINETUNED_1K,
+    FINETUNED_22K,
+    OFFICIAL_CHECKPOINTS,
+    find_official_checkpoint,
+    imagenet1k_labels,
+    select_checkpoints,
+)
+from convnextv2_hf.conversion import (
+    FCMAE_ENCODER,
+    FCMAE_PRETRAINING,
+    FINETUNED,
+    OriginalCheckpoint,
+    VerificationError,
+    convert_checkpoint,
+    convert_state_dict,
+    resolve_checkpoint,
+    sparse_kernel_to_dense,
+    verify_against_timm,
+)
+from convnextv2_hf.model_card import MODEL_CARD_TEMPLATE, write_model_cards
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-4
+IMAGE_SIZE = 64  # verification inputs in tests
+ATTO = ([2, 2, 6, 2], [40, 80, 160, 320])
+FEMTO = ([2, 2, 6, 2], [48, 96, 192, 384])
+CUSTOM = ([1, 2, 1, 1], [16, 24, 32, 48])  # no official size has these shapes
+DIFF = re.compile(r"max abs diff ([0-9.]+e[+-]\d+)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic official checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Random:
+    """Weights at the official init scale (std 0.02 around 0, norms around 1), so outputs stay O(1)."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, *shape: int, offset: float = 0.0, scale: float = 0.03) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator) * scale + offset
+
+
+def official_block(prefix: str, dim: int, rand: _Random) -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}dwconv.weight": rand(dim, 1, 7, 7),
+        f"{prefix}dwconv.bias": rand(dim),
+        f"{prefix}norm.weight": rand(dim, offset=1.0),
+        f"{prefix}norm.bias": rand(dim),
+        f"{prefix}pwconv1.weight": rand(4 * dim, dim),
+        f"{prefix}pwconv1.bias": rand(4 * dim),
+        f"{prefix}grn.gamma": rand(1, 1, 1, 4 * dim, scale=0.3),
+        f"{prefix}grn.beta": rand(1, 1, 1, 4 * dim),
+        f"{prefix}pwconv2.weight": rand(dim, 4 * dim),
+        f"{prefix}pwconv2.bias": rand(dim),
+    }
+
+
+def official_dense(shapes, *, num_classes: int | None = None, final_norm: bool = True, seed: int = 0) -> dict:
+    """The official dense layout: fine-tuned (final norm + head) or FCMAE encoder (neither)."""
+    depths, widths = shapes
+    rand = _Random(seed)
+    state = {
+        "downsample_layers.0.0.weight": rand(widths[0], 3, 4, 4, scale=0.1),
+        "downsample_layers.0.0.bias": rand(widths[0]),
+        "downsample_layers.0.1.weight": rand(widths[0], offset=1.0),
+        "downsample_layers.0.1.bias": rand(widths[0]),
+    }
+    for stage in range(1, len(depths)):
+        state[f"downsample_layers.{stage}.0.weight"] = rand(widths[stage - 1], offset=1.0)
+        state[f"downsample_layers.{stage}.0.bias"] = rand(widths[stage - 1])
+        state[f"downsample_layers.{stage}.1.weight"] = rand(widths[stage], widths[stage - 1], 2, 2)
+        state[f"downsample_layers.{stage}.1.bias"] = rand(widths[stage])
+    for stage, (depth, width) in enumerate(zip(depths, widths, strict=True)):
+        for block in range(depth):
+            state.update(official_block(f"stages.{stage}.{block}.", width, rand))
+    if final_norm:
+        state.update({"norm.weight": rand(widths[-1], offset=1.0), "norm.bias": rand(widths[-1])})
+    if num_classes:
+        state.update({"head.weight": rand(num_classes, widths[-1]), "head.bias": rand(num_classes)})
+    return state
+
+
+def dense_to_sparse_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """Inverse of the documented remapping: (out, in, k, k) -> (k*k, in, out), window in the other axis order."""
+    out_channels, in_channels, k, _ = weight.shape
+    return weight.transpose(2, 3).reshape(out_channels, in_channels, k * k).permute(2, 1, 0)
+
+
+def official_pretraining(encoder: dict, *, decoder_width: int, decoder_depth: int, seed: int = 1) -> dict:
+    """A checkpoint of the official pretraining code: the MinkowskiEngine encoder (from dense ``encoder``
+    tensors) plus the dense decoder ``proj``, ``mask_token``, ``decoder.k``, ``pred``."""
+    state = {}
+    for name, tensor in encoder.items():
+        module, param = name.rsplit(".", 1)
+        if name.startswith("downsample_layers.0."):  # the stem stays a dense conv and LayerNorm
+            state[f"encoder.{name}"] = tensor
+        elif module.endswith(".norm") or re.fullmatch(r"downsample_layers\.\d+\.0", module):
+            state[f"encoder.{module}.ln.{param}"] = tensor
+        elif module.endswith(("pwconv1", "pwconv2")):
+            state[f"encoder.{module}.linear.{param}"] = tensor
+        elif module.endswith(".grn") or param == "bias":
+            state[f"encoder.{name}"] = tensor.reshape(1, -1)
+        else:
+            kernel = dense_to_sparse_kernel(tensor)
+            state[f"encoder.{module}.kernel"] = kernel[:, 0, :] if module.endswith("dwconv") else kernel
+    rand = _Random(seed)
+    last_width = encoder["downsample_layers.3.1.weight"].shape[0]
+    state.update(
+        {
+            "proj.weight": rand(decoder_width, last_width, 1, 1),
+            "proj.bias": rand(decoder_width),
+            "mask_token": rand(1, decoder_width, 1, 1),
+            "pred.weight": rand(32 * 32 * 3, decoder_width, 1, 1),
+            "pred.bias": rand(32 * 32 * 3),
+        }
+    )
+    for block in range(decoder_depth):
+        state.update(official_block(f"decoder.{block}.", decoder_width, rand))
+    return state
+
+
+def save_official(path: Path, state_dict: dict, **extra) -> Path:
+    torch.save({"model": state_dict, **extra}, path)
+    return path
+
+
+def timm_from_dense(state_dict: dict, shapes, num_classes: int) -> torch.nn.Module:
+    """timm's ConvNeXt V2 loaded through timm's own filter: the independent reference of these tests."""
+    depths, widths = shapes
+    model = timm.create_model("convnextv2_atto", num_classes=num_classes, depths=depths, dims=widths)
+    model.load_state_dict(checkpoint_filter_fn(state_dict, model), strict=False)
+    return model.eval()
+
+
+def pixels(size: int = IMAGE_SIZE) -> torch.Tensor:
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7))
+
+
+def printed_differences(lines: list[str]) -> list[float]:
+    values = [float(value) for line in lines for value in DIFF.findall(line)]
+    assert values, f"no max abs diff printed in {lines}"
+    return values
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "conversion_scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_table_lists_the_26_official_checkpoints_with_the_readme_numbers():
+    by_data = {
+        data: [c for c in OFFICIAL_CHECKPOINTS if c.pretraining == data]
+        for data in (FCMAE, FINETUNED_1K, FINETUNED_22K)
+    }
+    assert [len(rows) for rows in by_data.values()] == [8, 8, 10]
+    assert len({c.url for c in OFFICIAL_CHECKPOINTS}) == len({c.repo_id() for c in OFFICIAL_CHECKPOINTS}) == 26
+    assert all(c.acc1 is None and c.gflops is None and not c.is_classifier for c in by_data[FCMAE])
+    atto = find_official_checkpoint("convnextv2_atto_1k_224_ema")
+    assert (atto.acc1, atto.params_m, atto.gflops, atto.resolution) == (76.7, 3.7, 0.55, 224)
+    assert atto.url == "https://dl.fbaipublicfiles.com/convnext/convnextv2/im1k/convnextv2_atto_1k_224_ema.pt"
+    huge = find_official_checkpoint(
+        "https://dl.fbaipublicfiles.com/convnext/convnextv2/im22k/convnextv2_huge_22k_512_ema.pt"
+    )
+    assert (huge.acc1, huge.params_m, huge.gflops, huge.resolution, huge.repo_name) == (
+        88.9,
+        660,
+        600.8,
+        512,
+        "convnextv2-huge-22k-512",
+    )
+    assert find_official_checkpoint("/some/dir/convnextv2_tiny_1k_224_fcmae.pt").pretraining == FCMAE
+    assert find_official_checkpoint("my_checkpoint.pt") is None
+    assert [c.name for c in select_checkpoints(["huge", "384"])] == [
+        "convnextv2_huge_1k_224_fcmae",
+        "convnextv2_huge_1k_224_ema",
+        "convnextv2_nano_22k_384_ema",
+        "convnextv2_tiny_22k_384_ema",
+        "convnextv2_base_22k_384_ema",
+        "convnextv2_large_22k_384_ema",
+        "convnextv2_huge_22k_384_ema",
+        "convnextv2_huge_22k_512_ema",
+    ]
+
+
+def test_imagenet_labels_ship_with_the_package():
+    labels = imagenet1k_labels()
+    assert len(labels) == len(set(labels)) == 1000
+    assert (labels[0], labels[281], labels[999]) == ("tench", "tabby", "toilet tissue")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sparse kernel rule
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_sparse_kernels_are_remapped_as_documented():
+    kernel = torch.zeros(9, 2, 5)  # (k*k, in, out), k = 3
+    kernel[1, 0, 4] = 1.0  # window entry 1: second along the axis the sparse kernel walks fastest
+    dense = sparse_kernel_to_dense(kernel)
+    assert dense.shape == (5, 2, 3, 3)
+    assert dense[4, 0, 1, 0] == 1.0 and dense.abs().sum() == 1.0  # row 1, column 0 after the swap
+    random_kernel = torch.randn(49, 6, 8)
+    expected = random_kernel.permute(2, 1, 0).reshape(8, 6, 7, 7).transpose(3, 2)
+    assert torch.equal(sparse_kernel_to_dense(random_kernel), expected)
+    depthwise = torch.randn(49, 6)  # (k*k, C)
+    assert torch.equal(sparse_kernel_to_dense(depthwise), depthwise.permute(1, 0).reshape(6, 1, 7, 7).transpose(3, 2))
+    with pytest.raises(ValueError, match="k\\*k"):
+        sparse_kernel_to_dense(torch.randn(8, 2, 2))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The three layouts, end to end
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_fine_tuned_classifier_converts_verifies_and_loads_back(tmp_path):
+    original = official_dense(ATTO, num_classes=1000)
+    source = save_official(tmp_path / "convnextv2_atto_1k_224_ema.pt", original)
+    lines = []
+    report = convert_checkpoint(source, tmp_path / "out", verify_image_size=IMAGE_SIZE, log=lines.append)
+
+    assert report.converted.layout is FINETUNED and report.converted.size == "atto"
+    assert max(printed_differences(lines)) <= TOLERANCE
+    assert report.verification.max_abs_diff <= TOLERANCE
+    photo_line = next(line for line in lines if "chelsea" in line)
+    assert len(report.top5) == 5 and all(label in imagenet1k_labels() for label, _ in report.top5)
+    assert report.top5[0][0] in photo_line
+
+    folder = tmp_path / "out"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    assert type(model) is ConvNextV2ForImageClassification
+    assert (model.config.image_size, model.config.layer_norm_eps, model.config.id2label[281]) == (224, 1e-6, "tabby")
+    with torch.no_grad():
+        difference = (model(pixels()).logits - timm_from_dense(original, ATTO, 1000)(pixels())).abs().max()
+    assert difference <= TOLERANCE
+    assert AutoImageProcessor.from_pretrained(folder).size == {"shortest_edge": 224}
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "cc-by-nc-4.0"
+    assert card.data.eval_results[0].metric_value == 76.7
+    assert hashlib.sha256(source.read_bytes()).hexdigest() in card.text
+    assert "filled in at conversion time" not in card.text
+
+
+def test_fcmae_encoder_converts_to_the_base_model_and_fine_tunes(tmp_path):
+    original = official_dense(FEMTO, final_norm=False, seed=3)
+    source = save_official(tmp_path / "convnextv2_femto_1k_224_fcmae.pt", original)
+    lines = []
+    report = convert_checkpoint(source, tmp_path / "out", verify_image_size=IMAGE_SIZE, log=lines.append)
+
+    assert report.converted.layout is FCMAE_ENCODER and report.top5 is None
+    assert max(printed_differences(lines)) <= TOLERANCE
+    assert any("final feature map" in line for line in lines)
+    encoder = ConvNextV2Model.from_pretrained(tmp_path / "out").eval()
+    assert torch.equal(encoder.layernorm.weight, torch.ones(384)) and torch.equal(
+        encoder.layernorm.bias, torch.zeros(384)
+    )
+    with torch.no_grad():
+        ours = encoder(pixels()).last_hidden_state
+        reference = timm_from_dense(original, FEMTO, 0).forward_features(pixels())
+    assert (ours - reference).abs().max() <= TOLERANCE
+    classifier = ConvNextV2ForImageClassification.from_pretrained(tmp_path / "out", num_labels=10)
+    assert torch.equal(
+        classifier.convnextv2.encoder.stages[2].layers[5].grn.weight, encoder.encoder.stages[2].layers[5].grn.weight
+    )
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.pipeline_tag == "image-feature-extraction"
+
+
+def test_pretraining_checkpoint_converts_to_masked_image_modeling_with_its_decoder(tmp_path):
+    encoder = official_dense(FEMTO, final_norm=False, seed=4)
+    sparse = official_pretraining(encoder, decoder_width=512, decoder_depth=1)
+    args = argparse.Namespace(model="convnextv2_femto", input_size=224, mask_ratio=0.75, norm_pix_loss=True)
+    source = save_official(tmp_path / "checkpoint-799.pth", sparse, optimizer={"state": {}}, epoch=799, args=args)
+    lines = []
+    report = convert_checkpoint(source, tmp_path / "out", verify_image_size=IMAGE_SIZE, log=lines.append)
+
+    assert report.converted.layout is FCMAE_PRETRAINING and report.converted.size == "femto"
+    differences = printed_differences(lines)
+    assert len(differences) == 2 and max(differences) <= TOLERANCE  # encoder and decoder
+    assert any("documented kernel remapping" in line for line in lines)
+    model = ConvNextV2ForMaskedImageModeling.from_pretrained(tmp_path / "out").eval()
+    config = model.config
+    assert (config.decoder_hidden_size, config.decoder_depth, config.mask_ratio, config.norm_pix_loss) == (
+        512,
+        1,
+        0.75,
+        True,
+    )
+    # the encoder equals the dense model the sparse file was written from (an independent check of the remapping)
+    with torch.no_grad():
+        ours = model.convnextv2(pixels()).last_hidden_state
+        reference = timm_from_dense(encoder, FEMTO, 0).forward_features(pixels())
+        assert (ours - reference).abs().max() <= TOLERANCE
+        assert torch.isfinite(model(pixels()).loss)
+    assert torch.equal(model.decoder_embed.weight, sparse["proj.weight"])
+    assert torch.equal(model.mask_token, sparse["mask_token"])
+    assert torch.equal(model.decoder_pred.weight, sparse["pred.weight"])
+    assert torch.equal(model.decoder[0].grn.weight, sparse["decoder.0.grn.gamma"])
+
+
+@pytest.mark.parametrize("layout", [FINETUNED, FCMAE_ENCODER, FCMAE_PRETRAINING], ids=lambda layout: layout.name)
+def test_custom_shapes_are_read_off_the_tensors(layout):
+    dense = official_dense(CUSTOM, num_classes=10 if layout is FINETUNED else None, final_norm=layout is FINETUNED)
+    if layout is FCMAE_PRETRAINING:
+        dense = official_pretraining(dense, decoder_width=32, decoder_depth=2)
+    converted = convert_state_dict(OriginalCheckpoint(dense))
+    assert converted.layout is layout and converted.size == "custom"
+    config = converted.model.config
+    assert (list(config.depths), list(config.hidden_sizes)) == (CUSTOM[0], CUSTOM[1])
+    if layout is FINETUNED:
+        assert config.num_labels == 10
+    if layout is FCMAE_PRETRAINING:
+        assert (config.decoder_hidden_size, config.decoder_depth) == (32, 2)
+    assert verify_against_timm(converted, IMAGE_SIZE).max_abs_diff <= TOLERANCE
+
+
+@pytest.mark.parametrize("layout", [FINETUNED, FCMAE_PRETRAINING], ids=lambda layout: layout.name)
+def test_verification_fails_on_a_corrupted_tensor(layout):
+    dense = official_dense(CUSTOM, num_classes=10 if layout is FINETUNED else None, final_norm=layout is FINETUNED)
+    if layout is FCMAE_PRETRAINING:
+        dense = official_pretraining(dense, decoder_width=32, decoder_depth=1)
+    converted = convert_state_dict(OriginalCheckpoint(dense))
+    assert verify_against_timm(converted, IMAGE_SIZE).max_abs_diff <= TOLERANCE
+    corrupted = (
+        "decoder.0.grn.weight" if layout is FCMAE_PRETRAINING else "convnextv2.encoder.stages.2.layers.0.grn.bias"
+    )
+    with torch.no_grad():
+        converted.model.get_parameter(corrupted).add_(0.01)
+    with pytest.raises(VerificationError, match="exceeds the tolerance"):
+        verify_against_timm(converted, IMAGE_SIZE)
+
+
+def test_a_wrong_kernel_remapping_fails_verification_and_the_cli_writes_nothing(tmp_path, monkeypatch, capsys):
+    encoder = official_dense(CUSTOM, final_norm=False)
+    source = save_official(
+        tmp_path / "pretraining.pth", official_pretraining(encoder, decoder_width=32, decoder_depth=1)
+    )
+    cli = load_script("convert_convnextv2_to_hf")
+    assert (
+        cli.main(["--checkpoint", str(source), "--output-dir", str(tmp_path / "good"), "--verify-image-size", "64"])
+        == 0
+    )
+    assert max(printed_differences(capsys.readouterr().out.splitlines())) <= TOLERANCE
+
+    def without_the_axis_swap(kernel):  # the classic mistake: forget that the sparse window runs the other way
+        return sparse_kernel_to_dense(kernel).transpose(2, 3)
+
+    rules = [
+        (p, r, without_the_axis_swap if f is sparse_kernel_to_dense else f)
+        for p, r, f in conversion_module.SPARSE_TO_DENSE_RULES
+    ]
+    monkeypatch.setattr(conversion_module, "SPARSE_TO_DENSE_RULES", rules)
+    with pytest.raises(SystemExit, match="exceeds the tolerance") as failure:
+        cli.main(["--checkpoint", str(source), "--output-dir", str(tmp_path / "bad"), "--verify-image-size", "64"])
+    assert failure.value.code != 0
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob("*.partial"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: a clear error, a non-zero exit, no folder
+# ----------------------------------------------------------------------------------------------------------
+
+
+class CodeRunningPickle:
+    """Unpickling this would create ``path`` (stands for any code a malicious checkpoint runs)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _write_bad_input(kind: str, path: Path) -> Path:
+    if kind == "code-running pickle":
+        torch.save(
+            {"model": official_dense(CUSTOM, num_classes=10), "x": CodeRunningPickle(path.with_suffix(".ran"))}, path
+        )
+    elif kind == "not a checkpoint":
+        path.write_text("just some text\n")
+    elif kind == "truncated file":
+        save_official(path, official_dense(CUSTOM, num_classes=10))
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "ConvNeXt V1":
+        state = {k: v for k, v in official_dense(CUSTOM, num_classes=10).items() if ".grn." not in k}
+        state.update({f"stages.{s}.0.gamma": torch.ones(w) for s, w in enumerate(CUSTOM[1])})
+        save_official(path, state)
+    elif kind == "ViT":
+        save_official(
+            path,
+            {
+                "cls_token": torch.zeros(1, 1, 8),
+                "pos_embed": torch.zeros(1, 5, 8),
+                "blocks.0.attn.qkv.weight": torch.zeros(24, 8),
+            },
+        )
+    elif kind == "missing tensor":
+        state = official_dense(CUSTOM, num_classes=10)
+        del state["stages.1.0.pwconv2.weight"]
+        save_official(path, state)
+    elif kind == "extra tensor":
+        save_official(path, {**official_dense(CUSTOM, num_classes=10), "stages.1.0.extra.weight": torch.zeros(3)})
+    elif kind == "wrong shape":
+        save_official(path, {**official_dense(CUSTOM, num_classes=10), "head.bias": torch.zeros(11)})
+    elif kind == "no state dict":
+        torch.save({"epoch": 3}, path)
+    elif kind == "other size than named":
+        save_official(path, official_dense(CUSTOM, num_classes=10))
+        path = path.rename(path.with_name("convnextv2_atto_1k_224_ema.pt"))
+    return path
+
+
+BAD_INPUTS = {
+    "code-running pickle": "refused to load .*would import or call 'io.open'",
+    "not a checkpoint": "not a readable PyTorch checkpoint",
+    "truncated file": "not a readable PyTorch checkpoint",
+    "ConvNeXt V1": "ConvNeXt V1 checkpoint",
+    "ViT": "Vision Transformer",
+    "missing tensor": "missing 1 tensor.*stages.1.layers.0.pwconv2.weight",
+    "extra tensor": "unexpected tensors .*stages.1.0.extra.weight",
+    "wrong shape": "wrong shape: classifier.bias .*'head.bias'.*\\(11,\\), expected \\(10,\\)",
+    "no state dict": "no state dict",
+    "other size than named": "are those of 'custom', not of the expected model 'atto'",
+}
+
+
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+def test_bad_input_exits_non_zero_with_a_message_and_writes_nothing(kind, tmp_path):
+    source = _write_bad_input(kind, tmp_path / "checkpoint.pt")
+    cli = load_script("convert_convnextv2_to_hf")
+    with pytest.raises(SystemExit) as failure:
+        cli.main(["--checkpoint", str(source), "--output-dir", str(tmp_path / "out"), "--verify-image-size", "64"])
+    assert re.search(BAD_INPUTS[kind], str(failure.value.code)), failure.value.code
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+    assert not source.with_suffix(".ran").exists()  # the pickle's code never ran
+
+
+def test_an_existing_output_folder_is_not_overwritten_unless_asked(tmp_path):
+    source = save_official(tmp_path / "custom.pt", official_dense(CUSTOM, num_classes=10))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match="already exists"):
+        convert_checkpoint(source, tmp_path / "out", verify=False, log=lambda line: None)
+    convert_checkpoint(source, tmp_path / "out", verify=False, overwrite=True, log=lambda line: None)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_failure_while_writing_leaves_no_folder(tmp_path, monkeypatch):
+    source = save_official(tmp_path / "custom.pt", official_dense(CUSTOM, num_classes=10))
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ModelCard, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        convert_checkpoint(source, tmp_path / "out", verify=False, log=lambda line: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.pt"]
+
+
+def test_official_names_resolve_through_the_cache_and_nothing_is_downloaded_offline(tmp_path):
+    cached = save_official(tmp_path / "convnextv2_atto_1k_224_fcmae.pt", {"x": torch.zeros(1)})
+    path, source = resolve_checkpoint("convnextv2_atto_1k_224_fcmae", cache_dir=tmp_path)
+    assert path == cached and source == find_official_checkpoint("convnextv2_atto_1k_224_fcmae").url
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
+        resolve_checkpoint("convnextv2_femto_1k_224_fcmae", cache_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model cards
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_committed_model_cards_parse_and_are_what_the_generator_writes(tmp_path):
+    assert MODEL_CARD_TEMPLATE == REPO / "model_cards" / "template.md"
+    regenerated = write_model_cards(tmp_path)
+    assert len(regenerated) == 26
+    for path in regenerated:
+        committed = REPO / "model_cards" / path.name
+        assert committed.read_text() == path.read_text(), f"{committed} is stale: run generate_model_cards.py"
+        card = ModelCard.load(committed)
+        checkpoint = next(c for c in OFFICIAL_CHECKPOINTS if c.repo_name == path.stem)
+        assert card.data.license == "cc-by-nc-4.0"
+        assert checkpoint.url in card.text and "filled in at conversion time" in card.text
+        assert "arXiv 2301.00808" in card.text and "convnextv2-hf 0.1.0" in card.text
+        assert f"{checkpoint.params_m:g}M" in card.text
+        if checkpoint.is_classifier:
+            assert card.data.eval_results[0].metric_value == checkpoint.acc1
+            assert f"{checkpoint.gflops}G" in card.text and card.data.pipeline_tag == "image-classification"
+        else:
+            assert card.data.eval_results is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# convert_all.py
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_convert_all_dry_run_prints_the_plan_without_network(tmp_path, capsys):
+    convert_all = load_script("convert_all")
+    assert convert_all.main(["--dry-run", "--output-root", str(tmp_path / "converted"), "--namespace", "me"]) == 0
+    out = capsys.readouterr().out
+    for checkpoint in OFFICIAL_CHECKPOINTS:
+        assert re.search(re.escape(checkpoint.url) + r"\s+->\s+" + re.escape(checkpoint.repo_id("me")), out)
+        assert checkpoint.title in out
+    assert not (tmp_path / "converted").exists()
+
+
+def test_convert_all_converts_a_subset_and_resumes(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    save_official(cache / "convnextv2_atto_1k_224_fcmae.pt", official_dense(ATTO, final_norm=False))
+    save_official(cache / "convnextv2_atto_1k_224_ema.pt", official_dense(ATTO, num_classes=1000))
+    convert_all = load_script("convert_all")
+    arguments = [
+        "--output-root",
+        str(tmp_path / "converted"),
+        "--filter",
+        "atto",
+        "--cache-dir",
+        str(cache),
+        "--verify-image-size",
+        "64",
+    ]
+    assert convert_all.main(arguments) == 0
+    first = capsys.readouterr().out
+    assert re.search(r"convnextv2_atto_1k_224_fcmae\s+converted\s+\S+e-\d\d", first)
+    assert re.search(r"convnextv2_atto_1k_224_ema\s+converted", first) and "2 done, 0 failed" in first
+    assert max(printed_differences(first.splitlines())) <= TOLERANCE
+    assert sorted(p.name for p in (tmp_path / "converted").iterdir()) == [
+        "convnextv2-atto-1k-224",
+        "convnextv2-atto-1k-224-fcmae",
+    ]
+    card = ModelCard.load(tmp_path / "converted" / "convnextv2-atto-1k-224" / "README.md")
+    assert find_official_checkpoint("convnextv2_atto_1k_224_ema").url in card.text
+
+    assert convert_all.main(arguments) == 0
+    second = capsys.readouterr().out
+    assert second.count("skipped (done)") == 2 and "converted" not in second.split("checkpoint")[-1]
+
+    missing = [
+        "--output-root",
+        str(tmp_path / "converted"),
+        "--filter",
+        "femto_1k_224_fcmae",
+        "--cache-dir",
+        str(cache),
+    ]
+    assert convert_all.main(missing) == 1  # not in the cache, and offline: reported, not downloaded
+    third = capsys.readouterr().out
+    assert re.search(r"convnextv2_femto_1k_224_fcmae\s+FAILED", third) and "HF_HUB_OFFLINE" in third
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pushing to a (local, fake) Hub
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_cli_pushes_to_a_local_hub_and_pushing_again_changes_nothing(tmp_path, hub_server):  # noqa: F811
+    source = save_official(tmp_path / "custom.pt", official_dense(CUSTOM, num_classes=10))
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=hub_server.url, HF_TOKEN="hf_fake_token", HF_HOME=str(tmp_path / "hf_home"))
+    command = [
+        sys.executable,
+        str(REPO / "conversion_scripts" / "convert_convnextv2_to_hf.py"),
+        "--checkpoint",
+        str(source),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--verify-image-size",
+        "64",
+        "--push-to-hub",
+        "--repo-id",
+        "tester/convnextv2-custom",
+        "--private",
+    ]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert max(printed_differences(run.stdout.splitlines())) <= TOLERANCE
+    repo = hub_server.repos["tester/convnextv2-custom"]
+    files = repo.branches["main"]
+    assert repo.private and len(repo.commits) == 1 and "pushed" in run.stdout
+    assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json"} <= set(files)
+    for name, content in files.items():
+        assert content == (tmp_path / "out" / name).read_bytes()
+    assert ModelCard(files["README.md"].decode()).data.license == "cc-by-nc-4.0"
+    assert "Bearer hf_fake_token" in hub_server.authorizations
+
+    # the same conversion again, pushed to a new branch: identical files, so no new upload commit
+    again = command + ["--overwrite"]
+    run = subprocess.run(again + ["--revision", "v1.0"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "No files have been modified" in run.stderr
+    assert repo.branches["v1.0"] == files
+    assert [summary for _, _, summary in repo.commits].count("branch created") == 1
+    assert len([commit for commit in repo.commits if commit[2].startswith("Upload")]) == 1
+    assert not hub_server.unknown
