@@ -22,7 +22,7 @@ test: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check convnextv2_hf tests examples
+	$(BIN)/ruff check convnextv2_hf tests examples conversion_scripts benchmarks
 
 clean:
 	rm -rf $(VENV) outputs
