@@ -67,31 +67,35 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def measure(self, name: str, batch: int, step: Callable[[], None], anchor: str | None = None) -> dict:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        for _ in range(self.args.warmup):
-            step()
-        self.sync()
-        times = []
-        for _ in range(self.args.repeats):
-            start = time.perf_counter()
-            step()
+    def measure(self, cases: list[tuple[str, int, Callable[[], None], str | None]]) -> list[dict]:
+        """Time (name, batch, step, anchor) cases against each other. Each case warms up alone (its peak memory
+        is read then); the timed repeats then go round-robin over the cases, so a slow spell of a shared machine
+        hits every case alike. One row per case with the median time."""
+        peaks = []
+        for _, _, step, _ in cases:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(max(self.args.warmup, 1 if self.device.type == "cuda" else 0)):
+                step()
             self.sync()
-            times.append(time.perf_counter() - start)
-        median = statistics.median(times)
-        row = {
-            "name": name,
-            "batch": batch,
-            "img_per_s": batch / median,
-            "median_s": median,
-            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if self.device.type == "cuda" else None,
-            "anchor": anchor,
-        }
-        self.rows.append(row)
-        print(f"  {name:<40} {row['img_per_s']:9.1f} img/s", flush=True)
-        return row
+            peaks.append(torch.cuda.max_memory_allocated() / 1e9 if self.device.type == "cuda" else None)
+        times: list[list[float]] = [[] for _ in cases]
+        for _ in range(self.args.repeats):
+            for case_times, (_, _, step, _) in zip(times, cases, strict=True):
+                start = time.perf_counter()
+                step()
+                self.sync()
+                case_times.append(time.perf_counter() - start)
+        rows = []
+        for (name, batch, _, anchor), case_times, peak in zip(cases, times, peaks, strict=True):
+            median = statistics.median(case_times)
+            row = {"name": name, "batch": batch, "img_per_s": batch / median, "median_s": median, "peak_gb": peak}
+            row["anchor"] = anchor
+            self.rows.append(row)
+            rows.append(row)
+            print(f"  {name:<40} {row['img_per_s']:9.1f} img/s", flush=True)
+        return rows
 
     def ratio(self, row: dict) -> float | None:
         anchors = {r["name"]: r for r in self.rows}
@@ -131,6 +135,7 @@ def run_inference(bench: Bench) -> None:
     pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, device=bench.device)
     modes = [("eager", False)] + ([("compile", True)] if args.compile else [])
     for mode, compiled in modes:
+        cases = []
         for name, model in candidates.items():
             if model is None:
                 continue
@@ -145,7 +150,8 @@ def run_inference(bench: Bench) -> None:
                     model(inputs)
 
             anchor = None if name == "builtin" else f"infer builtin {mode}"
-            bench.measure(f"infer {name} {mode}", args.batch, step, anchor)
+            cases.append((f"infer {name} {mode}", args.batch, step, anchor))
+        bench.measure(cases)
 
 
 def training_step(model, make_loss, bench: Bench) -> Callable[[], None]:
@@ -167,11 +173,13 @@ def run_training(bench: Bench) -> None:
     ours, reference = classifier_pair(args.model, bench.device)
     pixels = torch.randn(args.train_batch, 3, args.image_size, args.image_size, device=bench.device)
     labels = torch.randint(0, 1000, (args.train_batch,), device=bench.device)
+    cases = []
     for name, model in (("builtin", reference), ("ours", ours)):
         model.train()
         step = training_step(model, lambda m: m(pixel_values=pixels, labels=labels).loss, bench)
         anchor = None if name == "builtin" else "train builtin eager"
-        bench.measure(f"train {name} eager", args.train_batch, step, anchor)
+        cases.append((f"train {name} eager", args.train_batch, step, anchor))
+    bench.measure(cases)
 
 
 def run_fcmae(bench: Bench) -> None:
@@ -182,6 +190,7 @@ def run_fcmae(bench: Bench) -> None:
     noise = torch.rand(args.fcmae_batch, num_patches, device=bench.device)
     modes = [("eager", False)] + ([("compile", True)] if args.compile else [])
     for mode, compiled in modes:
+        cases = []
         for impl in ("dense", "sparse"):
             torch.manual_seed(0)
             model = ConvNextV2ForMaskedImageModeling(ConvNextV2Config.from_preset(args.fcmae_model, fcmae_impl=impl))
@@ -189,7 +198,8 @@ def run_fcmae(bench: Bench) -> None:
             forward = torch.compile(model) if compiled else model
             step = training_step(forward, lambda m: m(pixels, noise=noise).loss, bench)
             anchor = None if impl == "dense" else f"fcmae dense {mode}"
-            bench.measure(f"fcmae {impl} {mode}", args.fcmae_batch, step, anchor)
+            cases.append((f"fcmae {impl} {mode}", args.fcmae_batch, step, anchor))
+        bench.measure(cases)
 
 
 def main() -> None:

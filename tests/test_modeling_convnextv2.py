@@ -14,7 +14,7 @@ from convnextv2_hf import (
     ConvNextV2ForImageClassification,
     ConvNextV2Model,
 )
-from convnextv2_hf.modeling_convnextv2 import ConvNextV2GRN, ConvNextV2Layer
+from convnextv2_hf.modeling_convnextv2 import ConvNextV2GRN, ConvNextV2Layer, _sum_of_squares
 
 BUILTIN_TOLERANCE = 1e-5
 TIMM_TOLERANCE = 1e-4
@@ -246,3 +246,51 @@ def test_half_precision_grn_does_not_overflow():
         grn.float()
         assert torch.isfinite(got).all(), dtype
         assert max_diff(got, expected) / expected.abs().max().item() < 1e-2, dtype
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(
+    ("shape", "out_features"),
+    [((3, 6, 6, 16), 4), ((3, 2, 2, 16), 4), ((2, 10, 16), 4)],
+    ids=["folded-map", "unfolded-few-positions", "folded-gathered"],
+)
+def test_grn_into_linear_equals_grn_then_linear_with_gradients(shape, out_features, masked):
+    # the fold (positions > out_features) and the plain order must both be the same function of x as GRN then
+    # the linear, forward and backward
+    torch.manual_seed(0)
+    grn, linear = randomize_(ConvNextV2GRN(shape[-1]), scale=0.5), torch.nn.Linear(shape[-1], out_features)
+    visible = (torch.rand(*shape[:-1], 1) > 0.4).float() if masked else None
+    features = torch.randn(shape, requires_grad=True)
+    expected = linear(grn(features, visible))
+    (expected_grads) = torch.autograd.grad(expected.square().sum(), [features, grn.weight, grn.bias, linear.weight])
+    got = grn.into_linear(features, linear, visible)
+    grads = torch.autograd.grad(got.square().sum(), [features, grn.weight, grn.bias, linear.weight])
+    assert got.shape == expected.shape
+    assert max_diff(got, expected) <= 1e-5
+    for got_grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert max_diff(got_grad, expected_grad) <= 1e-4 * max(1.0, expected_grad.abs().max().item())
+
+
+def test_sum_of_squares_in_chunks_equals_the_norm():
+    # 2M values per sample: eager mode squares 2 samples at a time, so 5 samples take 3 chunks
+    positions = torch.randn(5, 2048, 1024)
+    expected = torch.linalg.vector_norm(positions.double(), dim=1).square()
+    got = _sum_of_squares(positions)
+    assert got.dtype == torch.float32 and got.shape == (5, 1024)
+    assert ((got.double() - expected).abs() / expected).max().item() < 1e-5
+    half = _sum_of_squares(torch.full((3, 64, 8), 1.0e4, dtype=torch.float16))  # 6.4e9 overflows fp16's sums
+    assert torch.isfinite(half).all() and half.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_classifier_is_finite_where_fp32_is(config, dtype):
+    model = randomize_(ConvNextV2ForImageClassification(config)).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, ConvNextV2Layer):  # activations of ~100 at GRN: fp16 sums of their squares overflow
+                layer.pwconv1.weight.mul_(300.0)
+        expected = model(pixels).logits
+        got = model.to(dtype)(pixels.to(dtype)).logits.float()
+    assert torch.isfinite(expected).all() and torch.isfinite(got).all()
+    assert max_diff(got, expected) / expected.abs().max().item() < 5e-2
