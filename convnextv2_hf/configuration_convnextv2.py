@@ -28,7 +28,9 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
     r"""Configuration of every ConvNeXt V2 model in this package.
 
     A drop-in subclass of transformers' ``ConvNextV2Config``: same class name and ``model_type`` (the Auto
-    classes match configs by class name), so checkpoints saved by either load with either. It adds:
+    classes match configs by class name), so checkpoints saved by either load with either. The defaults build
+    ConvNeXt V2-Tiny, as in [facebook/convnextv2-tiny-1k-224](https://huggingface.co/facebook/convnextv2-tiny-1k-224)
+    (transformers reads its docstring examples' checkpoint from this line). It adds:
 
     layer_norm_eps (`float`, defaults to 1e-6):
         Epsilon of the final LayerNorm. The official models use 1e-6; transformers' default is 1e-12.

@@ -197,3 +197,12 @@ def test_checkpoint_with_other_shapes_fails_to_load(tmp_path):
 
 def test_package_version_is_exposed():
     assert convnextv2_hf.__version__.count(".") == 2
+
+
+def test_builtin_modeling_imported_after_ours_logs_no_docstring_error():
+    # transformers builds the built-in classes' docstrings from the registered config's docstring; ours must name
+    # a checkpoint the way it expects, or every import of the built-in modeling prints an "[ERROR]" line
+    code = "import convnextv2_hf\nimport transformers.models.convnextv2.modeling_convnextv2"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "No checkpoint found" not in run.stdout + run.stderr
