@@ -54,17 +54,19 @@ def check_pixel_values(pixel_values: torch.Tensor, config: ConvNextV2Config, mul
         )
 
 
-def _sum_of_squares(positions: torch.Tensor) -> torch.Tensor:
-    """(N, P, C) -> (N, C) sum over positions of squares, accumulated in fp32.
+def _l2_norm_over_positions(positions: torch.Tensor) -> torch.Tensor:
+    """(N, P, C) -> (N, C): the L2 norm over positions, accumulated in fp32 (no half-precision overflow).
 
-    Square-then-sum is several times faster on CPU than ``torch.linalg.vector_norm`` over a non-innermost axis.
-    Eager mode squares a few samples at a time so the temporary stays small (a fresh allocation above glibc's
-    32 MB mmap threshold costs a page fault per 4 KB); compiled graphs fuse the two ops, so they take one step.
+    On CPU in eager mode, torch's norm reduction over a non-innermost axis is several times slower than squaring
+    and summing, so it squares a few samples at a time: the temporary stays small (a fresh allocation above
+    glibc's 32 MB mmap threshold costs a page fault per 4 KB). On GPUs and in compiled graphs the norm is one
+    fused reduction.
     """
+    if positions.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.linalg.vector_norm(positions, ord=2, dim=1, dtype=torch.float32)
     samples_per_chunk = max(1, (1 << 22) // max(positions[0].numel(), 1))
-    if torch.compiler.is_compiling() or positions.shape[0] <= samples_per_chunk:
-        return positions.float().square().sum(dim=1)
-    return torch.cat([chunk.float().square().sum(dim=1) for chunk in positions.split(samples_per_chunk)])
+    chunks = [chunk.float().square().sum(dim=1) for chunk in positions.split(samples_per_chunk)]
+    return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).sqrt()
 
 
 class ConvNextV2GRN(nn.Module):
@@ -90,7 +92,7 @@ class ConvNextV2GRN(nn.Module):
         statistics_input = hidden_states if visible is None else hidden_states * visible
         # one reduction axis of every position: faster than reducing (H, W) as two axes
         positions = statistics_input.reshape(statistics_input.shape[0], -1, statistics_input.shape[-1])
-        global_norm = _sum_of_squares(positions).sqrt()
+        global_norm = _l2_norm_over_positions(positions)
         relative_norm = global_norm / (global_norm.mean(dim=-1, keepdim=True) + GRN_EPS)
         return self.weight.reshape(-1) * relative_norm + 1.0
 
