@@ -202,11 +202,22 @@ def run_fcmae(bench: Bench) -> None:
         bench.measure(cases)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def main() -> None:
     args = parse_args()
     bench = Bench(args)
     torch.backends.cudnn.benchmark = True
-    device_name = torch.cuda.get_device_name() if bench.device.type == "cuda" else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name() if bench.device.type == "cuda" else cpu_name()
     print(
         f"device {device_name} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
         f"transformers {transformers.__version__}, dtype {args.dtype}"
@@ -227,6 +238,7 @@ def main() -> None:
         "device": device_name,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
         "args": vars(args),
         "date": time.strftime("%Y-%m-%d"),
         "rows": bench.rows,

@@ -107,10 +107,11 @@ class ConvNextV2GRN(nn.Module):
         """``linear(self(hidden_states, visible))``. Where a sample has more positions than the linear has
         outputs (the early, wide stages), GRN's output is not materialised: (x * s_n + beta) W^T + b
         = x (W * s_n)^T + (W beta + b), one batched matmul with a per-sample weight (N, out, in). Later stages,
-        whose per-sample weights would outweigh the activation, apply GRN first."""
+        whose per-sample weights would outweigh the activation, apply GRN first, and so do compiled graphs, where
+        Inductor fuses GRN into the GELU kernel and a plain matmul is faster than the batched one."""
         batch, channels = hidden_states.shape[0], hidden_states.shape[-1]
         positions = hidden_states.numel() // max(batch * channels, 1)
-        if positions <= linear.out_features:
+        if positions <= linear.out_features or torch.compiler.is_compiling():
             return linear(self(hidden_states, visible))
         scale = self.scale(hidden_states, visible)
         weight = linear.weight.unsqueeze(0) * scale.unsqueeze(1)
