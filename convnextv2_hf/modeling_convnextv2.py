@@ -360,8 +360,9 @@ class ConvNextV2Layer(GradientCheckpointingLayer):
 
     def activation(self, features: torch.Tensor) -> torch.Tensor:
         # in place where no autograd graph needs the input (inference): one full-size allocation less, which on
-        # CPU means page faults saved on the widest activation
-        if self.exact_gelu and not features.requires_grad:
+        # CPU means page faults saved on the widest activation. Not when a forward hook may have kept pwconv1's
+        # output: it would see the activation instead.
+        if self.exact_gelu and not features.requires_grad and not self.pwconv1._forward_hooks:
             return torch.ops.aten.gelu_(features)
         return self.act(features)
 

@@ -185,6 +185,31 @@ def test_torch_compile_matches_eager(config):
         assert max_diff(compiled(pixels).logits, model(pixels).logits) <= 1e-5
 
 
+def test_one_compiled_graph_serves_every_batch_size(config):
+    # dynamic batch, no graph break, no recompilation; Dynamo's frame counter with the eager backend (no Inductor)
+    from torch._dynamo.testing import CompileCounter
+
+    model = randomize_(ConvNextV2ForImageClassification(config)).eval()
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    with torch.no_grad():
+        for batch in (2, 3, 5):
+            pixels = torch.randn(batch, 3, 64, 64)
+            assert max_diff(compiled(pixels).logits, model(pixels).logits) <= 1e-5
+    assert counter.frame_count == 1
+
+
+def test_forward_hooks_on_the_first_linear_see_its_own_output_at_inference(config):
+    # the inference GELU runs in place; a hook that keeps pwconv1's output must not see it change afterwards
+    model = randomize_(ConvNextV2ForImageClassification(config)).eval()
+    layer = model.convnextv2.encoder.stages[0].layers[0]
+    kept = {}
+    layer.pwconv1.register_forward_hook(lambda module, inputs, output: kept.update(inputs=inputs[0], output=output))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+        assert max_diff(kept["output"], layer.pwconv1(kept["inputs"])) == 0.0
+
+
 def test_soft_labels_use_soft_cross_entropy(config):
     model = randomize_(ConvNextV2ForImageClassification(config)).eval()
     pixels = torch.randn(3, 3, 64, 64)
