@@ -296,3 +296,21 @@ def test_torch_compile_of_the_sparse_path_matches_eager_without_graph_breaks():
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:
             assert max_diff(compiled_grads[name], parameter.grad) <= 1e-5, name
+
+
+@pytest.mark.parametrize("fcmae_impl", ["sparse", "dense"])
+def test_half_precision_and_autocast_stay_finite_and_close_to_fp32(fcmae_impl):
+    model = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fcmae_impl=fcmae_impl))).eval()
+    pixels, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 4)
+    with torch.no_grad():
+        expected = model(pixels, noise=noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results = {"bf16 autocast": model(pixels, noise=noise)}
+        for dtype in (torch.float16, torch.bfloat16):
+            results[str(dtype)] = model.to(dtype)(pixels.to(dtype), noise=noise)
+            model.float()
+    scale = expected.logits.abs().max().item()
+    for name, got in results.items():
+        assert torch.isfinite(got.logits).all() and torch.isfinite(got.loss), name
+        assert max_diff(got.logits.float(), expected.logits) / scale < 5e-2, name
+        assert abs(got.loss.item() - expected.loss.item()) / expected.loss.item() < 1e-2, name
