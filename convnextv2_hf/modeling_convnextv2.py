@@ -58,15 +58,17 @@ def _l2_norm_over_positions(positions: torch.Tensor) -> torch.Tensor:
     """(N, P, C) -> (N, C): the L2 norm over positions, accumulated in fp32 (no half-precision overflow).
 
     On CPU in eager mode, torch's norm reduction over a non-innermost axis is several times slower than squaring
-    and summing, so it squares a few samples at a time: the temporary stays small (a fresh allocation above
-    glibc's 32 MB mmap threshold costs a page fault per 4 KB). On GPUs and in compiled graphs the norm is one
-    fused reduction.
+    and summing. At inference it squares a few samples at a time, so the temporary stays small (a fresh
+    allocation above glibc's 32 MB mmap threshold costs a page fault per 4 KB); under autograd in one piece, as
+    the backward of chunks would copy the whole gradient to join them. On GPUs and in compiled graphs the norm
+    is one fused reduction.
     """
     if positions.device.type != "cpu" or torch.compiler.is_compiling():
         return torch.linalg.vector_norm(positions, ord=2, dim=1, dtype=torch.float32)
     samples_per_chunk = max(1, (1 << 22) // max(positions[0].numel(), 1))
-    chunks = [chunk.float().square().sum(dim=1) for chunk in positions.split(samples_per_chunk)]
-    return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).sqrt()
+    if positions.requires_grad or positions.shape[0] <= samples_per_chunk:
+        return positions.float().square().sum(dim=1).sqrt()
+    return torch.cat([chunk.float().square().sum(dim=1) for chunk in positions.split(samples_per_chunk)]).sqrt()
 
 
 class ConvNextV2GRN(nn.Module):
@@ -740,6 +742,8 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         tiles = prediction.permute(0, 2, 3, 1).reshape(
             batch, height * width, stride * stride * self.config.num_channels
         )
+        if cells == 1:  # a tile is a patch (the official setting): already in patchify's order
+            return tiles
         image = self.unpatchify(tiles, (height * stride, width * stride), patch_size=stride)
         return self.patchify(image)
 
