@@ -67,7 +67,7 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def measure(self, cases: list[tuple[str, int, Callable[[], None], str | None]]) -> list[dict]:
+    def measure(self, cases: list[tuple[str, int, Callable[[], None], str | None]]) -> None:
         """Time (name, batch, step, anchor) cases against each other. Each case warms up alone (its peak memory
         is read then); the timed repeats then go round-robin over the cases, so a slow spell of a shared machine
         hits every case alike. One row per case with the median time."""
@@ -76,7 +76,8 @@ class Bench:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            for _ in range(max(self.args.warmup, 1 if self.device.type == "cuda" else 0)):
+            cuda_peak_needs_a_step = 1 if self.device.type == "cuda" else 0
+            for _ in range(max(self.args.warmup, cuda_peak_needs_a_step)):
                 step()
             self.sync()
             peaks.append(torch.cuda.max_memory_allocated() / 1e9 if self.device.type == "cuda" else None)
@@ -87,15 +88,12 @@ class Bench:
                 step()
                 self.sync()
                 case_times.append(time.perf_counter() - start)
-        rows = []
         for (name, batch, _, anchor), case_times, peak in zip(cases, times, peaks, strict=True):
             median = statistics.median(case_times)
-            row = {"name": name, "batch": batch, "img_per_s": batch / median, "median_s": median, "peak_gb": peak}
-            row["anchor"] = anchor
+            row = {"name": name, "batch": batch, "img_per_s": batch / median, "median_s": median}
+            row.update(peak_gb=peak, anchor=anchor)
             self.rows.append(row)
-            rows.append(row)
             print(f"  {name:<40} {row['img_per_s']:9.1f} img/s", flush=True)
-        return rows
 
     def ratio(self, row: dict) -> float | None:
         anchors = {r["name"]: r for r in self.rows}
