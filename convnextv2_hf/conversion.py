@@ -399,8 +399,8 @@ def _build_config(architecture: Architecture, layout: Layout, resolution: int, t
     if architecture.num_labels is not None:
         fields["num_labels"] = architecture.num_labels
         if architecture.num_labels == 1000:
-            fields["id2label"] = imagenet1k_id2label()
-            fields["label2id"] = {label: index for index, label in imagenet1k_id2label().items()}
+            fields["id2label"] = id2label = imagenet1k_id2label()
+            fields["label2id"] = {label: index for index, label in id2label.items()}
     if layout is FCMAE_PRETRAINING:
         total_stride = architecture.patch_size * 2 ** (len(architecture.depths) - 1)
         fields.update(

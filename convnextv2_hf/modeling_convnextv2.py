@@ -118,7 +118,7 @@ class ConvNextV2GRN(nn.Module):
         scale = self.scale(hidden_states, visible)
         weight = linear.weight.unsqueeze(0) * scale.unsqueeze(1)
         bias = torch.addmv(linear.bias, linear.weight, self.bias.reshape(-1))
-        dtype = hidden_states.dtype  # weight and bias are fp32 after the scaling; autocast would cast them anyway
+        dtype = hidden_states.dtype  # the scaled weight is fp32 (the scale is); autocast would cast it anyway
         output = torch.baddbmm(
             bias.to(dtype), hidden_states.reshape(batch, positions, channels), weight.transpose(1, 2).to(dtype)
         )
