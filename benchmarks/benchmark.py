@@ -1,8 +1,10 @@
 """Throughput of our ConvNeXt V2 classes against the anchors, measured in the same run with identical weights.
 
 Anchors: transformers' built-in ConvNeXt V2 (and timm's, when installed) for inference and training; the
-dense (paper) FCMAE path for the sparse one. Prints a table of img/s, peak memory (CUDA only) and ratios,
-and writes JSON.
+dense (paper) FCMAE path for the sparse one. Prints a table of img/s, peak memory and ratios (speed and
+memory, against the anchor), and writes JSON. Peak memory: on CUDA the allocator's peak over the warm-up
+steps; on CPU, which keeps no allocator statistics, the peak of the allocations the profiler records during one
+extra step, above what was alive before it (parameters and optimizer state excluded).
 
     python benchmarks/benchmark.py                      # CPU defaults: tiny, batch 8, FCMAE tiny batch 8
     python benchmarks/benchmark.py --device cuda --dtype bf16 --batch 256 --train-batch 128 \
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -21,9 +24,11 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-import transformers
-from transformers.models import convnextv2 as builtin
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the memory profiler's start/stop lines, before torch loads it
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from transformers.models import convnextv2 as builtin  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from convnextv2_hf import (  # noqa: E402
@@ -67,20 +72,40 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def peak_gb(self, step: Callable[[], None]) -> float:
+        """Peak memory of ``step`` in GB (see the module docstring for what it counts on each device)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() / 1e9
+        if self.device.type != "cpu":
+            return float("nan")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+            step()
+        # every allocation and free is a "[memory]" event with signed bytes; replay them in time order
+        events = sorted(
+            (event.start_ns(), event.nbytes())
+            for event in profiler.profiler.kineto_results.events()
+            if event.name() == "[memory]"
+        )
+        alive = peak = 0
+        for _, nbytes in events:
+            alive += nbytes
+            peak = max(peak, alive)
+        return peak / 1e9
+
     def measure(self, cases: list[tuple[str, int, Callable[[], None], str | None]]) -> None:
-        """Time (name, batch, step, anchor) cases against each other. Each case warms up alone (its peak memory
-        is read then); the timed repeats then go round-robin over the cases, so a slow spell of a shared machine
-        hits every case alike. One row per case with the median time."""
+        """Time (name, batch, step, anchor) cases against each other. Each case warms up alone and its peak
+        memory is read then; the timed repeats then go round-robin over the cases, so a slow spell of a shared
+        machine hits every case alike. One row per case with the median time."""
         peaks = []
         for _, _, step, _ in cases:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            cuda_peak_needs_a_step = 1 if self.device.type == "cuda" else 0
-            for _ in range(max(self.args.warmup, cuda_peak_needs_a_step)):
+            # at least one step, so the peak is that of a steady step (AdamW creates its state in the first)
+            for _ in range(max(self.args.warmup, 1)):
                 step()
             self.sync()
-            peaks.append(torch.cuda.max_memory_allocated() / 1e9 if self.device.type == "cuda" else None)
+            peaks.append(self.peak_gb(step))
         times: list[list[float]] = [[] for _ in cases]
         for _ in range(self.args.repeats):
             for case_times, (_, _, step, _) in zip(times, cases, strict=True):
@@ -95,11 +120,13 @@ class Bench:
             self.rows.append(row)
             print(f"  {name:<40} {row['img_per_s']:9.1f} img/s", flush=True)
 
-    def ratio(self, row: dict) -> float | None:
+    def ratio(self, row: dict, key: str = "img_per_s") -> float | None:
+        """``row[key]`` over its anchor's (speed by default; ``peak_gb`` for memory)."""
         anchors = {r["name"]: r for r in self.rows}
-        if row["anchor"] in anchors:
-            return row["img_per_s"] / anchors[row["anchor"]]["img_per_s"]
-        return None
+        anchor = anchors.get(row["anchor"])
+        if anchor is None or not row[key] or not anchor[key]:
+            return None
+        return row[key] / anchor[key]
 
 
 def classifier_pair(preset: str, device: torch.device):
@@ -226,13 +253,15 @@ def main() -> None:
         if args.only is None or group in args.only:
             run(bench)
 
-    print(f"\n{'case':<40} {'img/s':>9} {'peak GB':>8} {'ratio':>7}  anchor")
+    print(f"\n{'case':<40} {'img/s':>9} {'ratio':>7} {'peak GB':>8} {'memory':>7}  anchor")
     for row in bench.rows:
-        ratio = bench.ratio(row)
-        peak = f"{row['peak_gb']:.2f}" if row["peak_gb"] is not None else "-"
-        ratio_text = f"{ratio:.2f}x" if ratio is not None else "-"
-        print(f"{row['name']:<40} {row['img_per_s']:9.1f} {peak:>8} {ratio_text:>7}  {row['anchor'] or ''}")
-        row["ratio"] = ratio
+        row["ratio"], row["memory_ratio"] = bench.ratio(row), bench.ratio(row, "peak_gb")
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
+        memory = f"{row['memory_ratio']:.0%}" if row["memory_ratio"] is not None else "-"
+        print(
+            f"{row['name']:<40} {row['img_per_s']:9.1f} {ratio:>7} {row['peak_gb']:8.3f} {memory:>7}  "
+            f"{row['anchor'] or ''}"
+        )
     result = {
         "device": device_name,
         "torch": torch.__version__,
