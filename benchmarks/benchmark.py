@@ -14,6 +14,7 @@ extra step, above what was alive before it (parameters and optimizer state exclu
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -21,14 +22,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the memory profiler's start/stop lines, before torch loads it
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-from transformers.models import convnextv2 as builtin  # noqa: E402
+import torch
+import transformers
+from torch.profiler import ProfilerActivity, profile
+from transformers.models import convnextv2 as builtin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from convnextv2_hf import (  # noqa: E402
@@ -36,6 +36,7 @@ from convnextv2_hf import (  # noqa: E402
     ConvNextV2ForImageClassification,
     ConvNextV2ForMaskedImageModeling,
 )
+from convnextv2_hf import modeling_convnextv2 as modeling  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -51,9 +52,32 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile variants")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these groups: infer train fcmae")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="run only these groups: infer train fcmae ablate (ablate: not by default)",
+    )
     parser.add_argument("--output", default="benchmarks/results.json")
     return parser.parse_args()
+
+
+NAME_WIDTH = 48
+
+
+@contextmanager
+def _native_stderr_silenced():
+    """The profiler's native library logs its start and stop to fd 2 whatever the log level; the step it
+    profiles already ran in the warm-up, so nothing of the step's own output is lost."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class Bench:
@@ -78,7 +102,7 @@ class Bench:
             return torch.cuda.max_memory_allocated() / 1e9
         if self.device.type != "cpu":
             return float("nan")
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
             step()
         # every allocation and free is a "[memory]" event with signed bytes; replay them in time order
         events = sorted(
@@ -118,7 +142,7 @@ class Bench:
             row = {"name": name, "batch": batch, "img_per_s": batch / median, "median_s": median}
             row.update(peak_gb=peak, anchor=anchor)
             self.rows.append(row)
-            print(f"  {name:<40} {row['img_per_s']:9.1f} img/s", flush=True)
+            print(f"  {name:<{NAME_WIDTH}} {row['img_per_s']:9.1f} img/s", flush=True)
 
     def ratio(self, row: dict, key: str = "img_per_s") -> float | None:
         """``row[key]`` over its anchor's (speed by default; ``peak_gb`` for memory)."""
@@ -228,6 +252,97 @@ def run_fcmae(bench: Bench) -> None:
         bench.measure(cases)
 
 
+# Each way in to eager speed, taken out of our model one at a time (the GRN forms as the built-in classes write
+# them). Patched on the classes for the duration of a step, so the variants share one model and its weights.
+def _grn_then_linear(self, hidden_states, linear, visible=None):
+    return linear(self(hidden_states, visible))
+
+
+def _act_out_of_place(self, features):
+    return self.act(features)
+
+
+def _torch_norm(positions):
+    return torch.linalg.vector_norm(positions, ord=2, dim=1, dtype=torch.float32)
+
+
+def _grn_multi_pass(self, hidden_states, visible=None):
+    global_norm = torch.linalg.vector_norm(hidden_states, ord=2, dim=(1, 2), keepdim=True)
+    relative_norm = global_norm / (global_norm.mean(dim=-1, keepdim=True) + modeling.GRN_EPS)
+    return self.weight * (hidden_states * relative_norm) + self.bias + hidden_states
+
+
+ABLATIONS = {
+    "GRN not folded": {(modeling.ConvNextV2GRN, "into_linear"): _grn_then_linear},
+    "GELU not in place": {(modeling.ConvNextV2Layer, "activation"): _act_out_of_place},
+    "torch norm in GRN": {(modeling, "_l2_norm_over_positions"): _torch_norm},
+}
+ABLATIONS["none of them, multi-pass GRN"] = {
+    key: value for ablation in ABLATIONS.values() for key, value in ablation.items()
+} | {(modeling.ConvNextV2GRN, "forward"): _grn_multi_pass}
+
+
+@contextmanager
+def patched(replacements: dict):
+    originals = {key: getattr(*key) for key in replacements}
+    try:
+        for (owner, name), replacement in replacements.items():
+            setattr(owner, name, replacement)
+        yield
+    finally:
+        for (owner, name), original in originals.items():
+            setattr(owner, name, original)
+
+
+def run_ablation(bench: Bench) -> None:
+    """Eager inference and training step of our classifier with each way in removed, and in channels_last."""
+    args = bench.args
+    print(f"ablation: our ConvNeXt V2-{args.model} without each way in (inference batch {args.batch}, "
+          f"training batch {args.train_batch})")  # fmt: skip
+    ours, reference = classifier_pair(args.model, bench.device)
+    pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, device=bench.device)
+    variants = {"ours": {}} | {f"ours, {name}": replacements for name, replacements in ABLATIONS.items()}
+    with torch.inference_mode():
+        expected = ours.eval()(pixels).logits.float()
+        for name, replacements in variants.items():
+            with patched(replacements):
+                error = (ours(pixels).logits.float() - expected).abs().max().item()
+            if not error <= 1e-4 * max(expected.abs().max().item(), 1.0):
+                raise RuntimeError(f"ablation {name!r} changes the logits by {error:.2e}: the patch is wrong")
+    cases = []
+
+    def infer_step(model, inputs, replacements):
+        def step():
+            with patched(replacements), torch.inference_mode(), bench.autocast():
+                model(inputs)
+
+        return step
+
+    cases.append(("ablate infer builtin", args.batch, infer_step(reference.eval(), pixels, {}), None))
+    for name, replacements in variants.items():
+        step = infer_step(ours.eval(), pixels, replacements)
+        anchor = "ablate infer builtin" if name == "ours" else "ablate infer ours"
+        cases.append((f"ablate infer {name}", args.batch, step, anchor))
+    channels_last = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+    step = infer_step(channels_last, pixels.contiguous(memory_format=torch.channels_last), {})
+    cases.append(("ablate infer ours, channels_last", args.batch, step, "ablate infer ours"))
+    bench.measure(cases)
+
+    pixels = torch.randn(args.train_batch, 3, args.image_size, args.image_size, device=bench.device)
+    labels = torch.randint(0, 1000, (args.train_batch,), device=bench.device)
+    cases = []
+    for name, replacements in variants.items():
+        model = copy.deepcopy(ours).train()  # one optimizer per variant
+
+        def loss(model, replacements=replacements):
+            with patched(replacements):
+                return model(pixel_values=pixels, labels=labels).loss
+
+        anchor = None if name == "ours" else "ablate train ours"
+        cases.append((f"ablate train {name}", args.train_batch, training_step(model, loss, bench), anchor))
+    bench.measure(cases)
+
+
 def cpu_name() -> str:
     """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
     try:
@@ -248,18 +363,18 @@ def main() -> None:
         f"device {device_name} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
         f"transformers {transformers.__version__}, dtype {args.dtype}"
     )
-    groups = {"infer": run_inference, "train": run_training, "fcmae": run_fcmae}
+    groups = {"infer": run_inference, "train": run_training, "fcmae": run_fcmae, "ablate": run_ablation}
     for group, run in groups.items():
-        if args.only is None or group in args.only:
+        if group in (args.only or ["infer", "train", "fcmae"]):
             run(bench)
 
-    print(f"\n{'case':<40} {'img/s':>9} {'ratio':>7} {'peak GB':>8} {'memory':>7}  anchor")
+    print(f"\n{'case':<{NAME_WIDTH}} {'img/s':>9} {'ratio':>7} {'peak GB':>8} {'memory':>7}  anchor")
     for row in bench.rows:
         row["ratio"], row["memory_ratio"] = bench.ratio(row), bench.ratio(row, "peak_gb")
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
         memory = f"{row['memory_ratio']:.0%}" if row["memory_ratio"] is not None else "-"
         print(
-            f"{row['name']:<40} {row['img_per_s']:9.1f} {ratio:>7} {row['peak_gb']:8.3f} {memory:>7}  "
+            f"{row['name']:<{NAME_WIDTH}} {row['img_per_s']:9.1f} {ratio:>7} {row['peak_gb']:8.3f} {memory:>7}  "
             f"{row['anchor'] or ''}"
         )
     result = {
