@@ -67,8 +67,18 @@ def _l2_norm_over_positions(positions: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(positions, ord=2, dim=1, dtype=torch.float32)
     samples_per_chunk = max(1, (1 << 22) // max(positions[0].numel(), 1))
     if positions.requires_grad or positions.shape[0] <= samples_per_chunk:
-        return positions.float().square().sum(dim=1).sqrt()
+        return _sqrt_zero_gradient_at_zero(positions.float().square().sum(dim=1))
     return torch.cat([chunk.float().square().sum(dim=1) for chunk in positions.split(samples_per_chunk)]).sqrt()
+
+
+def _sqrt_zero_gradient_at_zero(sum_of_squares: torch.Tensor) -> torch.Tensor:
+    """sqrt whose gradient is 0 where its input is 0, as torch's norm defines it. Plain sqrt's gradient there is
+    inf, and inf times the square's gradient at 0 is NaN: one channel that is zero at every position of a sample
+    (a dead unit, or fp16 GELU outputs that flush to zero) would turn every gradient NaN. (N, C): cheap."""
+    if not sum_of_squares.requires_grad:
+        return sum_of_squares.sqrt()
+    positive = sum_of_squares > 0
+    return torch.where(positive, torch.where(positive, sum_of_squares, 1.0).sqrt(), 0.0)
 
 
 class ConvNextV2GRN(nn.Module):

@@ -296,6 +296,25 @@ def test_grn_into_linear_equals_grn_then_linear_with_gradients(shape, out_featur
         assert max_diff(got_grad, expected_grad) <= 1e-4 * max(1.0, expected_grad.abs().max().item())
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["grn", "grn-into-linear"])
+def test_grn_gradients_are_finite_with_an_all_zero_channel(fold):
+    # a channel that is zero at every position of a sample (dead unit, fp16 GELU outputs flushed to zero): the
+    # norm's gradient there is 0 by torch's definition; a plain sqrt's is inf, and inf * 0 made every gradient NaN
+    torch.manual_seed(0)
+    grn, linear = randomize_(ConvNextV2GRN(8), scale=0.5), torch.nn.Linear(8, 4)
+    features = torch.randn(2, 6, 6, 8)
+    features[0, ..., 3] = 0.0
+    features.requires_grad_(True)
+    reference = builtin.modeling_convnextv2.ConvNextV2GRN(8)
+    reference.load_state_dict(grn.state_dict())
+    expected_grads = torch.autograd.grad(linear(reference(features)).square().sum(), [features, reference.weight])
+    got = grn.into_linear(features, linear) if fold else linear(grn(features))
+    grads = torch.autograd.grad(got.square().sum(), [features, grn.weight])
+    for got_grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert torch.isfinite(got_grad).all()
+        assert max_diff(got_grad, expected_grad) <= 1e-4 * expected_grad.abs().max().item()
+
+
 def test_l2_norm_over_positions_in_chunks_equals_the_norm():
     # 2M values per sample: on CPU, eager mode squares 2 samples at a time, so 5 samples take 3 chunks
     positions = torch.randn(5, 2048, 1024)
