@@ -203,6 +203,24 @@ class _DenseStageMask:
         return self._visible(features).permute(0, 2, 3, 1)
 
 
+class _GatherPositions(torch.autograd.Function):
+    """``torch.gather(source, 1, index)`` whose backward keeps only the index. torch's gather keeps its whole
+    input alive for the backward, though only its shape is needed: on the sparse path that input is the
+    full-resolution depthwise conv output of every block. ``index`` must not repeat along dim 1 (positions are
+    distinct), so the backward is a plain scatter into zeros."""
+
+    @staticmethod
+    def forward(ctx, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.source_shape = source.shape
+        return torch.gather(source, 1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.source_shape).scatter_(1, index, grad), None
+
+
 class _SparseStageMask:
     """Visible positions of one stage, gathered per sample into a regular (N, V, C) batch.
 
@@ -224,7 +242,7 @@ class _SparseStageMask:
         """(N, h, w, C) map -> (N, V, C) visible positions."""
         batch, _, _, channels = channels_last.shape
         flat = channels_last.reshape(batch, self.height * self.width, channels)
-        return torch.gather(flat, 1, self._expanded_index(channels))
+        return _GatherPositions.apply(flat, self._expanded_index(channels))
 
     def from_dense(self, features: torch.Tensor) -> torch.Tensor:
         return self.gather(features.permute(0, 2, 3, 1))
@@ -233,7 +251,7 @@ class _SparseStageMask:
         """(N, V, C) -> (N, C, h, w) with zeros at masked positions (channels_last memory)."""
         batch, _, channels = features.shape
         dense = features.new_zeros(batch, self.height * self.width, channels)
-        dense = dense.scatter(1, self._expanded_index(channels), features)
+        dense.scatter_(1, self._expanded_index(channels), features)  # in place: no copy of the zeros
         return dense.view(batch, self.height, self.width, channels).permute(0, 3, 1, 2)
 
     def depthwise_conv(self, conv: nn.Conv2d, hidden_states: torch.Tensor) -> torch.Tensor:
