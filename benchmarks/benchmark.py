@@ -1,7 +1,8 @@
 """Throughput of our ConvNeXt V2 classes against the anchors, measured in the same run with identical weights.
 
 Anchors: transformers' built-in ConvNeXt V2 (and timm's, when installed) for inference and training; the
-dense (paper) FCMAE path for the sparse one. Prints a table of img/s, peak memory and ratios (speed and
+dense (paper) FCMAE path for the sparse one, and transformers' ViTMAE-Base pretraining step beside it (the
+horizon). ``--only ablate`` times our model with each way in to its speed taken out. Prints a table of img/s, peak memory and ratios (speed and
 memory, against the anchor), and writes JSON. Peak memory: on CUDA the allocator's peak over the warm-up
 steps; on CPU, which keeps no allocator statistics, the peak of the allocations the profiler records during one
 extra step, above what was alive before it (parameters and optimizer state excluded).
@@ -49,6 +50,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--fcmae-model", default="tiny")
     parser.add_argument("--fcmae-batch", type=int, default=8)
+    parser.add_argument(
+        "--vitmae",
+        choices=["base", "none"],
+        default="base",
+        help="ViTMAE pretraining step measured beside the FCMAE step (the horizon: ViTMAE-Base against V2-Base)",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile variants")
@@ -86,6 +93,7 @@ class Bench:
         self.device = torch.device(args.device)
         self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         self.rows: list[dict] = []
+        self.comparisons: list[tuple[str, str]] = []  # (row, second anchor) ratios printed under the table
 
     def autocast(self):
         if self.dtype is None:
@@ -249,7 +257,26 @@ def run_fcmae(bench: Bench) -> None:
             step = training_step(forward, lambda m: m(pixels, noise=noise).loss, bench)
             anchor = None if impl == "dense" else f"fcmae dense {mode}"
             cases.append((f"fcmae {impl} {mode}", args.fcmae_batch, step, anchor))
+        if args.vitmae != "none":
+            cases.append(vitmae_case(bench, mode, compiled, pixels))
+            bench.comparisons.append((f"fcmae sparse {mode}", cases[-1][0]))
         bench.measure(cases)
+
+
+def vitmae_case(bench: Bench, mode: str, compiled: bool, pixels: torch.Tensor):
+    """transformers' ViTMAE pretraining step (mask ratio 0.75, SDPA attention, its decoder and loss, AdamW) on
+    the same pixels: the horizon anchor for FCMAE pretraining speed."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    args = bench.args
+    torch.manual_seed(0)
+    config = ViTMAEConfig(image_size=args.image_size, attn_implementation="sdpa")  # the defaults are ViT-Base
+    model = ViTMAEForPreTraining(config).to(bench.device).train()
+    forward = torch.compile(model) if compiled else model
+    num_patches = (args.image_size // config.patch_size) ** 2
+    noise = torch.rand(pixels.shape[0], num_patches, device=bench.device)
+    step = training_step(forward, lambda m: m(pixels, noise=noise).loss, bench)
+    return (f"fcmae vitmae-{args.vitmae} {mode}", pixels.shape[0], step, None)
 
 
 # Each way in to eager speed, taken out of our model one at a time (the GRN forms as the built-in classes write
@@ -377,6 +404,11 @@ def main() -> None:
             f"{row['name']:<{NAME_WIDTH}} {row['img_per_s']:9.1f} {ratio:>7} {row['peak_gb']:8.3f} {memory:>7}  "
             f"{row['anchor'] or ''}"
         )
+    for name, anchor in bench.comparisons:
+        rows = {row["name"]: row for row in bench.rows}
+        speed = rows[name]["img_per_s"] / rows[anchor]["img_per_s"]
+        memory = rows[name]["peak_gb"] / rows[anchor]["peak_gb"]
+        print(f"{name} against {anchor}: {speed:.2f}x the img/s, {memory:.0%} of the peak memory")
     result = {
         "device": device_name,
         "torch": torch.__version__,
@@ -385,6 +417,7 @@ def main() -> None:
         "args": vars(args),
         "date": time.strftime("%Y-%m-%d"),
         "rows": bench.rows,
+        "comparisons": [{"row": name, "anchor": anchor} for name, anchor in bench.comparisons],
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))

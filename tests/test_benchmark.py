@@ -27,6 +27,7 @@ def test_benchmark_runs_every_group_and_writes_ratios(tmp_path):
     }  # fmt: skip
     # the ablation checks that each variant computes the same logits before it times them
     expected |= {"ablate infer ours", "ablate infer ours, GRN not folded", "ablate train ours, GELU not in place"}
+    expected |= {"fcmae vitmae-base eager"}
     assert expected <= set(rows)
     assert all(row["img_per_s"] > 0 for row in rows.values())
     sparse = rows["fcmae sparse eager"]
@@ -35,3 +36,4 @@ def test_benchmark_runs_every_group_and_writes_ratios(tmp_path):
     assert all(row["peak_gb"] > 0 for row in rows.values())
     assert 0 < sparse["memory_ratio"] < 1
     assert "ratio" in result.stdout and "fcmae sparse eager" in result.stdout
+    assert "fcmae sparse eager against fcmae vitmae-base eager" in result.stdout
