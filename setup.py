@@ -10,8 +10,9 @@ version = next(
 
 extras = {
     "training": ["datasets>=3", "accelerate>=1.0", "evaluate>=0.4"],
-    # tests need the training stack plus timm (parity), scikit-image (real photos) and scikit-learn (digits)
-    "dev": ["pytest>=8", "timm>=1.0", "ruff>=0.5", "scikit-image>=0.22", "scikit-learn>=1.3"],
+    # tests need the training stack plus timm (parity), scikit-image (real photos), scikit-learn (digits) and
+    # peft (LoRA adapters on the block linears)
+    "dev": ["pytest>=8", "timm>=1.0", "ruff>=0.5", "scikit-image>=0.22", "scikit-learn>=1.3", "peft>=0.13"],
 }
 extras["dev"] += extras["training"]
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})

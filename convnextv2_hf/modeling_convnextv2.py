@@ -81,6 +81,13 @@ def _sqrt_zero_gradient_at_zero(sum_of_squares: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, torch.where(positive, sum_of_squares, 1.0).sqrt(), 0.0)
 
 
+def _bare_linear(module: nn.Module) -> bool:
+    """A plain ``nn.Linear`` that nothing wraps or observes: not a subclass (a PEFT LoRA layer, a quantized or
+    parametrized linear) and without hooks. Only such a layer may be bypassed by arithmetic on its weight or
+    have its output modified in place: anything else must be called as a module."""
+    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+
+
 class ConvNextV2GRN(nn.Module):
     """Global Response Normalization over every axis between the batch axis and the (last) channel axis.
 
@@ -120,10 +127,11 @@ class ConvNextV2GRN(nn.Module):
         outputs (the early, wide stages), GRN's output is not materialised: (x * s_n + beta) W^T + b
         = x (W * s_n)^T + (W beta + b), one batched matmul with a per-sample weight (N, out, in). Later stages,
         whose per-sample weights would outweigh the activation, apply GRN first, and so do compiled graphs, where
-        Inductor fuses GRN into the GELU kernel and a plain matmul is faster than the batched one."""
+        Inductor fuses GRN into the GELU kernel and a plain matmul is faster than the batched one, and linears
+        that are not a bare ``nn.Linear`` (a LoRA adapter, a quantized layer, a hook), which must be called."""
         batch, channels = hidden_states.shape[0], hidden_states.shape[-1]
         positions = hidden_states.numel() // max(batch * channels, 1)
-        if positions <= linear.out_features or torch.compiler.is_compiling():
+        if positions <= linear.out_features or torch.compiler.is_compiling() or not _bare_linear(linear):
             return linear(self(hidden_states, visible))
         scale = self.scale(hidden_states, visible)
         weight = linear.weight.unsqueeze(0) * scale.unsqueeze(1)
@@ -390,9 +398,9 @@ class ConvNextV2Layer(GradientCheckpointingLayer):
 
     def activation(self, features: torch.Tensor) -> torch.Tensor:
         # in place where no autograd graph needs the input (inference): one full-size allocation less, which on
-        # CPU means page faults saved on the widest activation. Not when a forward hook may have kept pwconv1's
-        # output: it would see the activation instead.
-        if self.exact_gelu and not features.requires_grad and not self.pwconv1._forward_hooks:
+        # CPU means page faults saved on the widest activation. Not when a hook or wrapper may have kept
+        # pwconv1's output: it would see the activation instead.
+        if self.exact_gelu and not features.requires_grad and _bare_linear(self.pwconv1):
             return torch.ops.aten.gelu_(features)
         return self.act(features)
 

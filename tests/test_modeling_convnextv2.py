@@ -210,6 +210,43 @@ def test_forward_hooks_on_the_first_linear_see_its_own_output_at_inference(confi
         assert max_diff(kept["output"], layer.pwconv1(kept["inputs"])) == 0.0
 
 
+def test_forward_hooks_on_the_second_linear_fire_in_every_block(config):
+    # at 64 px the first stage folds GRN into pwconv2's weight; a hooked pwconv2 must still be called as a module
+    model = randomize_(ConvNextV2ForImageClassification(config)).eval()
+    seen = []
+    for layer in model.modules():
+        if isinstance(layer, ConvNextV2Layer):
+            layer.pwconv2.register_forward_hook(lambda module, inputs, output: seen.append((module, inputs, output)))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    assert len(seen) == sum(config.depths)
+    for module, inputs, output in seen:
+        assert max_diff(output, torch.nn.functional.linear(inputs[0], module.weight, module.bias)) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_peft_lora_on_the_block_linears_matches_the_builtin_model(config, mode):
+    # a LoRA-wrapped pwconv2 must not be folded into (its adapter would be dropped): same logits as transformers'
+    # built-in model under the same adapters, which differ clearly from the logits without them
+    peft = pytest.importorskip("peft")
+    ours = randomize_(ConvNextV2ForImageClassification(config))
+    reference = builtin.ConvNextV2ForImageClassification(builtin_config(config))
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        without_adapters = ours.eval()(pixels).logits
+    lora = dict(r=4, target_modules=["pwconv1", "pwconv2"], init_lora_weights=False)
+    torch.manual_seed(0)
+    ours = peft.get_peft_model(ours, peft.LoraConfig(**lora))
+    reference = peft.get_peft_model(reference, peft.LoraConfig(**lora))
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    getattr(ours, mode)(), getattr(reference, mode)()
+    with torch.set_grad_enabled(mode == "train"):
+        got, expected = ours(pixels).logits, reference(pixels).logits
+    assert max_diff(got, expected) <= BUILTIN_TOLERANCE
+    assert max_diff(got, without_adapters) > 1e-2
+
+
 def test_soft_labels_use_soft_cross_entropy(config):
     model = randomize_(ConvNextV2ForImageClassification(config)).eval()
     pixels = torch.randn(3, 3, 64, 64)
