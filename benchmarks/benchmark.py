@@ -2,10 +2,12 @@
 
 Anchors: transformers' built-in ConvNeXt V2 (and timm's, when installed) for inference and training; the
 dense (paper) FCMAE path for the sparse one, and transformers' ViTMAE-Base pretraining step beside it (the
-horizon). ``--only ablate`` times our model with each way in to its speed taken out. Prints a table of img/s, peak memory and ratios (speed and
-memory, against the anchor), and writes JSON. Peak memory: on CUDA the allocator's peak over the warm-up
-steps; on CPU, which keeps no allocator statistics, the peak of the allocations the profiler records during one
-extra step, above what was alive before it (parameters and optimizer state excluded).
+horizon). ``--only ablate`` times our model with each way in to its speed taken out. Prints a table of img/s,
+peak memory and ratios (speed and memory, against the anchor), and writes JSON.
+
+Peak memory: on CUDA the allocator's peak over the warm-up steps; on CPU, which keeps no allocator statistics,
+the peak of the allocations the profiler records during one extra step, above what was alive before it
+(parameters and optimizer state excluded).
 
     python benchmarks/benchmark.py                      # CPU defaults: tiny, batch 8, FCMAE tiny batch 8
     python benchmarks/benchmark.py --device cuda --dtype bf16 --batch 256 --train-batch 128 \
@@ -281,19 +283,23 @@ def vitmae_case(bench: Bench, mode: str, compiled: bool, pixels: torch.Tensor):
 
 # Each way in to eager speed, taken out of our model one at a time (the GRN forms as the built-in classes write
 # them). Patched on the classes for the duration of a step, so the variants share one model and its weights.
-def _grn_then_linear(self, hidden_states, linear, visible=None):
-    return linear(self(hidden_states, visible))
+def _grn_then_linear(self, hidden_states, linear, visible=None, norm=None):
+    return linear(self(hidden_states, visible, norm))
 
 
 def _act_out_of_place(self, features):
     return self.act(features)
 
 
+def _autograd_through_the_modules(self, features):
+    return False
+
+
 def _torch_norm(positions):
     return torch.linalg.vector_norm(positions, ord=2, dim=1, dtype=torch.float32)
 
 
-def _grn_multi_pass(self, hidden_states, visible=None):
+def _grn_multi_pass(self, hidden_states, visible=None, norm=None):
     global_norm = torch.linalg.vector_norm(hidden_states, ord=2, dim=(1, 2), keepdim=True)
     relative_norm = global_norm / (global_norm.mean(dim=-1, keepdim=True) + modeling.GRN_EPS)
     return self.weight * (hidden_states * relative_norm) + self.bias + hidden_states
@@ -303,6 +309,9 @@ ABLATIONS = {
     "GRN not folded": {(modeling.ConvNextV2GRN, "into_linear"): _grn_then_linear},
     "GELU not in place": {(modeling.ConvNextV2Layer, "activation"): _act_out_of_place},
     "torch norm in GRN": {(modeling, "_l2_norm_over_positions"): _torch_norm},
+    "GELU, GRN, pwconv2 not one function": {
+        (modeling.ConvNextV2Layer, "recompute_in_backward"): _autograd_through_the_modules
+    },
 }
 ABLATIONS["none of them, multi-pass GRN"] = {
     key: value for ablation in ABLATIONS.values() for key, value in ablation.items()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin
@@ -55,7 +56,7 @@ def check_pixel_values(pixel_values: torch.Tensor, config: ConvNextV2Config, mul
 
 
 def _l2_norm_over_positions(positions: torch.Tensor) -> torch.Tensor:
-    """(N, P, C) -> (N, C): the L2 norm over positions, accumulated in fp32 (no half-precision overflow).
+    """(N, P, C) -> (N, C): the L2 norm over positions, accumulated in fp32 or fp64 (no half-precision overflow).
 
     On CPU in eager mode, torch's norm reduction over a non-innermost axis is several times slower than squaring
     and summing. At inference it squares a few samples at a time, so the temporary stays small (a fresh
@@ -63,12 +64,19 @@ def _l2_norm_over_positions(positions: torch.Tensor) -> torch.Tensor:
     the backward of chunks would copy the whole gradient to join them. On GPUs and in compiled graphs the norm
     is one fused reduction.
     """
+    accumulate = _accumulation_dtype(positions.dtype)
     if positions.device.type != "cpu" or torch.compiler.is_compiling():
-        return torch.linalg.vector_norm(positions, ord=2, dim=1, dtype=torch.float32)
+        return torch.linalg.vector_norm(positions, ord=2, dim=1, dtype=accumulate)
     samples_per_chunk = max(1, (1 << 22) // max(positions[0].numel(), 1))
     if positions.requires_grad or positions.shape[0] <= samples_per_chunk:
-        return _sqrt_zero_gradient_at_zero(positions.float().square().sum(dim=1))
-    return torch.cat([chunk.float().square().sum(dim=1) for chunk in positions.split(samples_per_chunk)]).sqrt()
+        return _sqrt_zero_gradient_at_zero(positions.to(accumulate).square().sum(dim=1))
+    chunks = positions.split(samples_per_chunk)
+    return torch.cat([chunk.to(accumulate).square().sum(dim=1) for chunk in chunks]).sqrt()
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half precision and fp32, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _sqrt_zero_gradient_at_zero(sum_of_squares: torch.Tensor) -> torch.Tensor:
@@ -81,11 +89,11 @@ def _sqrt_zero_gradient_at_zero(sum_of_squares: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, torch.where(positive, sum_of_squares, 1.0).sqrt(), 0.0)
 
 
-def _bare_linear(module: nn.Module) -> bool:
-    """A plain ``nn.Linear`` that nothing wraps or observes: not a subclass (a PEFT LoRA layer, a quantized or
-    parametrized linear) and without hooks. Only such a layer may be bypassed by arithmetic on its weight or
+def _bare(module: nn.Module, kind: type[nn.Module] = nn.Linear) -> bool:
+    """A plain ``kind`` layer that nothing wraps or observes: not a subclass (a PEFT LoRA layer, a quantized or
+    parametrized layer) and without hooks. Only such a layer may be bypassed by arithmetic on its weight or
     have its output modified in place: anything else must be called as a module."""
-    return type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+    return type(module) is kind and not module._forward_hooks and not module._forward_pre_hooks
 
 
 class ConvNextV2GRN(nn.Module):
@@ -106,22 +114,34 @@ class ConvNextV2GRN(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.bias = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
-    def scale(self, hidden_states: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-        """The per-sample channel scale 1 + gamma * Nx, (N, C) in fp32."""
+    def norm(self, hidden_states: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """The L2 norm of every channel over the (visible) positions of each sample, (N, C) in fp32 or fp64."""
         statistics_input = hidden_states if visible is None else hidden_states * visible
         # one reduction axis of every position: faster than reducing (H, W) as two axes
         positions = statistics_input.reshape(statistics_input.shape[0], -1, statistics_input.shape[-1])
-        global_norm = _l2_norm_over_positions(positions)
+        return _l2_norm_over_positions(positions)
+
+    def scale(
+        self, hidden_states: torch.Tensor, visible: torch.Tensor | None = None, norm: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The per-sample channel scale 1 + gamma * Nx, (N, C) in fp32 or fp64 (from ``norm`` when given)."""
+        global_norm = self.norm(hidden_states, visible) if norm is None else norm
         relative_norm = global_norm / (global_norm.mean(dim=-1, keepdim=True) + GRN_EPS)
         return self.weight.reshape(-1) * relative_norm + 1.0
 
-    def forward(self, hidden_states: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-        scale = self.scale(hidden_states, visible).to(hidden_states.dtype)
+    def forward(
+        self, hidden_states: torch.Tensor, visible: torch.Tensor | None = None, norm: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        scale = self.scale(hidden_states, visible, norm).to(hidden_states.dtype)
         scale = scale.reshape(scale.shape[0], *[1] * (hidden_states.ndim - 2), scale.shape[1])
         return torch.addcmul(self.bias.reshape(-1).to(hidden_states.dtype), hidden_states, scale)
 
     def into_linear(
-        self, hidden_states: torch.Tensor, linear: nn.Linear, visible: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        linear: nn.Linear,
+        visible: torch.Tensor | None = None,
+        norm: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``linear(self(hidden_states, visible))``. Where a sample has more positions than the linear has
         outputs (the early, wide stages), GRN's output is not materialised: (x * s_n + beta) W^T + b
@@ -131,9 +151,9 @@ class ConvNextV2GRN(nn.Module):
         that are not a bare ``nn.Linear`` (a LoRA adapter, a quantized layer, a hook), which must be called."""
         batch, channels = hidden_states.shape[0], hidden_states.shape[-1]
         positions = hidden_states.numel() // max(batch * channels, 1)
-        if positions <= linear.out_features or torch.compiler.is_compiling() or not _bare_linear(linear):
-            return linear(self(hidden_states, visible))
-        scale = self.scale(hidden_states, visible)
+        if positions <= linear.out_features or torch.compiler.is_compiling() or not _bare(linear):
+            return linear(self(hidden_states, visible, norm))
+        scale = self.scale(hidden_states, visible, norm)
         weight = linear.weight.unsqueeze(0) * scale.unsqueeze(1)
         bias = torch.addmv(linear.bias, linear.weight, self.bias.reshape(-1))
         dtype = hidden_states.dtype  # the scaled weight is fp32 (the scale is); autocast would cast it anyway
@@ -141,6 +161,63 @@ class ConvNextV2GRN(nn.Module):
             bias.to(dtype), hidden_states.reshape(batch, positions, channels), weight.transpose(1, 2).to(dtype)
         )
         return output.view(*hidden_states.shape[:-1], linear.out_features)
+
+
+class _GeluGrnLinear(torch.autograd.Function):
+    """``linear(grn(gelu(h), visible))`` for training that keeps only ``h`` (and GRN's (N, C) norms) for the
+    backward. Autograd through the modules would keep GELU's output too, and at the stages that do not fold,
+    GRN's: both are recomputed in the backward instead (elementwise, cheap), and GRN's backward is written out
+    in a few passes. Same numbers as autograd through the modules (tested in fp64). Eager mode only: Inductor
+    makes its own recompute choices.
+    """
+
+    @staticmethod
+    def forward(ctx, h, gamma, beta, weight, bias, grn: ConvNextV2GRN, linear: nn.Linear, visible):
+        activated = F.gelu(h)
+        norm = grn.norm(activated, visible)
+        ctx.save_for_backward(h, norm, gamma, beta, weight, visible)
+        return grn.into_linear(activated, linear, visible, norm)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        h, norm, gamma, beta, weight, visible = ctx.saved_tensors
+        needs_h, needs_gamma, needs_beta, needs_weight, needs_bias = ctx.needs_input_grad[:5]
+        dtype, channels = h.dtype, h.shape[-1]
+        accumulate = _accumulation_dtype(dtype)
+        per_channel = (h.shape[0],) + (1,) * (h.ndim - 2) + (channels,)  # (N, C) broadcast over positions
+        activated = F.gelu(h)
+        mean = norm.mean(dim=-1, keepdim=True) + GRN_EPS
+        relative = norm / mean
+        scale = gamma.reshape(-1) * relative + 1.0
+        scale_as_input = scale.to(dtype).reshape(per_channel)
+        grad_flat = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_weight = grad_bias = None
+        if needs_weight:
+            grn_output = torch.addcmul(beta.reshape(-1).to(dtype), activated, scale_as_input)
+            grad_weight = (grad_flat.t() @ grn_output.reshape(-1, channels).to(grad_flat.dtype)).to(weight.dtype)
+            del grn_output
+        if needs_bias:
+            grad_bias = grad_flat.sum(dim=0, dtype=accumulate).to(weight.dtype)
+        if not (needs_h or needs_gamma or needs_beta):
+            return None, None, None, grad_weight, grad_bias, None, None, None
+        grad_grn_output = (grad_flat @ weight.to(grad_flat.dtype)).view(h.shape).to(dtype)
+        flat_positions = (h.shape[0], -1, channels)
+        grad_beta = grad_grn_output.reshape(-1, channels).sum(dim=0, dtype=accumulate).reshape(beta.shape)
+        # d loss / d scale: (N, C)
+        grad_scale = (grad_grn_output * activated).reshape(flat_positions).sum(dim=1, dtype=accumulate)
+        grad_gamma = (grad_scale * relative).sum(dim=0).reshape(gamma.shape)
+        # relative = norm / (mean over channels of norm + eps)
+        grad_relative = grad_scale * gamma.reshape(-1)
+        grad_norm = grad_relative / mean - (grad_relative * norm).sum(-1, keepdim=True) / (mean * mean * channels)
+        # d norm / d x = x / norm at visible positions; 0 where the norm is 0 (as torch's norm defines it)
+        grad_over_norm = torch.where(norm > 0, grad_norm / torch.where(norm > 0, norm, 1.0), 0.0)
+        statistics_input = activated if visible is None else activated * visible
+        grad_activated = torch.addcmul(
+            grad_grn_output * scale_as_input, statistics_input, grad_over_norm.to(dtype).reshape(per_channel)
+        )
+        grad_h = torch.ops.aten.gelu_backward(grad_activated, h)
+        return grad_h, grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype), grad_weight, grad_bias, None, None, None
 
 
 class ConvNextV2LayerNorm(nn.LayerNorm):
@@ -211,30 +288,15 @@ class _DenseStageMask:
         return self._visible(features).permute(0, 2, 3, 1)
 
 
-class _GatherPositions(torch.autograd.Function):
-    """``torch.gather(source, 1, index)`` whose backward keeps only the index. torch's gather keeps its whole
-    input alive for the backward, though only its shape is needed: on the sparse path that input is the
-    full-resolution depthwise conv output of every block. ``index`` must not repeat along dim 1 (positions are
-    distinct), so the backward is a plain scatter into zeros."""
-
-    @staticmethod
-    def forward(ctx, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index)
-        ctx.source_shape = source.shape
-        return torch.gather(source, 1, index)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (index,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.source_shape).scatter_(1, index, grad), None
-
-
 class _SparseStageMask:
     """Visible positions of one stage, gathered per sample into a regular (N, V, C) batch.
 
     ``index`` (N, V) holds the flat position (row * width + col) of each gathered entry. Entries are ordered
     patch by patch, and inside a patch so that every 2x2 window of the stage is four consecutive entries and
     the windows follow the next stage's order: the stride-2 downsampling conv is then a reshape and a matmul.
+    Gathering and scattering work on rows of the (N * h * w, C) matrix of a channels-last map (``index_select``
+    and ``index_copy_``: several times faster on CPU than ``gather``/``scatter`` along the position axis, and
+    their backward keeps only the index where ``gather``'s keeps the whole full-resolution input).
     """
 
     is_sparse = True
@@ -242,15 +304,13 @@ class _SparseStageMask:
     def __init__(self, index: torch.Tensor, height: int, width: int):
         self.index = index
         self.height, self.width = height, width
-
-    def _expanded_index(self, channels: int) -> torch.Tensor:
-        return self.index.unsqueeze(-1).expand(-1, -1, channels)
+        offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * (height * width)
+        self.rows = (index + offsets).reshape(-1)
 
     def gather(self, channels_last: torch.Tensor) -> torch.Tensor:
         """(N, h, w, C) map -> (N, V, C) visible positions."""
         batch, _, _, channels = channels_last.shape
-        flat = channels_last.reshape(batch, self.height * self.width, channels)
-        return _GatherPositions.apply(flat, self._expanded_index(channels))
+        return channels_last.reshape(-1, channels).index_select(0, self.rows).view(batch, -1, channels)
 
     def from_dense(self, features: torch.Tensor) -> torch.Tensor:
         return self.gather(features.permute(0, 2, 3, 1))
@@ -258,16 +318,66 @@ class _SparseStageMask:
     def to_dense(self, features: torch.Tensor) -> torch.Tensor:
         """(N, V, C) -> (N, C, h, w) with zeros at masked positions (channels_last memory)."""
         batch, _, channels = features.shape
-        dense = features.new_zeros(batch, self.height * self.width, channels)
-        dense.scatter_(1, self._expanded_index(channels), features)  # in place: no copy of the zeros
+        dense = features.new_zeros(batch * self.height * self.width, channels)
+        dense.index_copy_(0, self.rows, features.reshape(-1, channels))  # in place: no copy of the zeros
         return dense.view(batch, self.height, self.width, channels).permute(0, 3, 1, 2)
 
     def depthwise_conv(self, conv: nn.Conv2d, hidden_states: torch.Tensor) -> torch.Tensor:
         # the depthwise conv is cheap: run it densely on the zero-filled map, keep the visible outputs
+        if hidden_states.requires_grad and _bare(conv, nn.Conv2d) and not torch.compiler.is_compiling():
+            return _SparseDepthwiseConv.apply(hidden_states, conv.weight, conv.bias, self, conv)
         return self.gather(conv(self.to_dense(hidden_states)).permute(0, 2, 3, 1))
 
     def grn_visible(self, features: torch.Tensor) -> None:
         return None
+
+
+class _SparseDepthwiseConv(torch.autograd.Function):
+    """``mask.gather(conv(mask.to_dense(x)))`` for training, keeping the gathered input (N, V, C) for the
+    backward instead of the zero-filled full-resolution map that autograd through conv would keep, and taking
+    the bias gradient from the visible outputs (the conv backward computes it from the full map, slowly on
+    CPU). The bias is added after the gather: the same numbers."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, weight, bias, mask: _SparseStageMask, conv: nn.Conv2d):
+        ctx.mask, ctx.conv = mask, conv
+        output = F.conv2d(
+            mask.to_dense(hidden_states), weight, None, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
+        ctx.compute_dtype = output.dtype  # autocast's choice, replayed in the backward
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(hidden_states, weight)
+        visible = mask.gather(output.permute(0, 2, 3, 1))
+        return visible if bias is None else visible + bias.to(visible.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        hidden_states, weight = ctx.saved_tensors
+        mask, conv, dtype = ctx.mask, ctx.conv, ctx.compute_dtype
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_input, grad_weight = torch.ops.aten.convolution_backward(
+            mask.to_dense(grad.to(dtype)),
+            mask.to_dense(hidden_states.to(dtype)),
+            weight.to(dtype),
+            None,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            False,
+            [0, 0],
+            conv.groups,
+            [needs_input, needs_weight, False],
+        )[:2]
+        if grad_input is not None:
+            grad_input = mask.gather(grad_input.permute(0, 2, 3, 1)).to(hidden_states.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        grad_bias = None
+        if needs_bias:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(dim=0, dtype=_accumulation_dtype(grad.dtype))
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad_input, grad_weight, grad_bias, None, None
 
 
 def _downsample_gathered(norm: nn.Module, conv: nn.Conv2d, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -400,9 +510,13 @@ class ConvNextV2Layer(GradientCheckpointingLayer):
         # in place where no autograd graph needs the input (inference): one full-size allocation less, which on
         # CPU means page faults saved on the widest activation. Not when a hook or wrapper may have kept
         # pwconv1's output: it would see the activation instead.
-        if self.exact_gelu and not features.requires_grad and _bare_linear(self.pwconv1):
+        if self.exact_gelu and not features.requires_grad and _bare(self.pwconv1):
             return torch.ops.aten.gelu_(features)
         return self.act(features)
+
+    def recompute_in_backward(self, features: torch.Tensor) -> bool:
+        """Whether GELU, GRN and pwconv2 run as one autograd function that keeps only pwconv1's output."""
+        return features.requires_grad and self.exact_gelu and _bare(self.pwconv2) and not torch.compiler.is_compiling()
 
     def forward(self, hidden_states: torch.Tensor, stage_mask=None) -> torch.Tensor:
         if stage_mask is None:
@@ -411,8 +525,14 @@ class ConvNextV2Layer(GradientCheckpointingLayer):
         else:
             features = stage_mask.depthwise_conv(self.dwconv, hidden_states)
             visible = stage_mask.grn_visible(features)
-        features = self.activation(self.pwconv1(self.layernorm(features)))
-        features = self.grn.into_linear(features, self.pwconv2, visible)
+        features = self.pwconv1(self.layernorm(features))
+        if self.recompute_in_backward(features):
+            grn, linear = self.grn, self.pwconv2
+            features = _GeluGrnLinear.apply(
+                features, grn.weight, grn.bias, linear.weight, linear.bias, grn, linear, visible
+            )
+        else:
+            features = self.grn.into_linear(self.activation(features), self.pwconv2, visible)
         features = self.drop_path(features)
         if hidden_states.ndim == 4:
             features = features.permute(0, 3, 1, 2)

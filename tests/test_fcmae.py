@@ -299,6 +299,30 @@ def test_torch_compile_of_the_sparse_path_matches_eager_without_graph_breaks():
 
 
 @pytest.mark.parametrize("fcmae_impl", ["sparse", "dense"])
+def test_training_gradients_under_bf16_autocast_and_in_fp16_are_finite_and_close_to_fp32(fcmae_impl):
+    # the training-only autograd functions (sparse depthwise conv, GELU-GRN-linear) replay autocast's dtype in
+    # their backward by hand
+    model = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fcmae_impl=fcmae_impl))).train()
+    pixels, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 4)
+    model(pixels, noise=noise).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(pixels, noise=noise).loss
+    loss.backward()
+    autocast_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.half()(pixels.half(), noise=noise).loss.backward()
+    half_grads = {name: p.grad.float() for name, p in model.named_parameters() if p.grad is not None}
+    for grads, tolerance in ((autocast_grads, 0.1), (half_grads, 0.05)):
+        assert grads.keys() == expected.keys()
+        for name, grad in grads.items():
+            assert torch.isfinite(grad).all(), name
+            scale = expected[name].abs().max().item()
+            assert max_diff(grad.float(), expected[name]) <= tolerance * scale + 1e-6, name
+
+
+@pytest.mark.parametrize("fcmae_impl", ["sparse", "dense"])
 def test_half_precision_and_autocast_stay_finite_and_close_to_fp32(fcmae_impl):
     model = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fcmae_impl=fcmae_impl))).eval()
     pixels, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 4)

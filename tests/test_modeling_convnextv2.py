@@ -14,7 +14,12 @@ from convnextv2_hf import (
     ConvNextV2ForImageClassification,
     ConvNextV2Model,
 )
-from convnextv2_hf.modeling_convnextv2 import ConvNextV2GRN, ConvNextV2Layer, _l2_norm_over_positions
+from convnextv2_hf.modeling_convnextv2 import (
+    ConvNextV2GRN,
+    ConvNextV2Layer,
+    _GeluGrnLinear,
+    _l2_norm_over_positions,
+)
 
 BUILTIN_TOLERANCE = 1e-5
 TIMM_TOLERANCE = 1e-4
@@ -350,6 +355,48 @@ def test_grn_gradients_are_finite_with_an_all_zero_channel(fold):
     for got_grad, expected_grad in zip(grads, expected_grads, strict=True):
         assert torch.isfinite(got_grad).all()
         assert max_diff(got_grad, expected_grad) <= 1e-4 * expected_grad.abs().max().item()
+
+
+@pytest.mark.parametrize("frozen", [(), ("linear.weight",), ("grn.weight", "grn.bias", "linear.bias")])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(
+    ("shape", "out_features"),
+    [((3, 6, 6, 16), 4), ((3, 2, 2, 16), 4), ((2, 10, 16), 4)],
+    ids=["folded", "plain", "rows"],
+)
+def test_gelu_grn_linear_function_equals_autograd_through_the_modules_in_fp64(shape, out_features, masked, frozen):
+    # the training function keeps only h and writes GRN's backward out by hand: fp64 makes any slip visible
+    torch.manual_seed(0)
+    modules = torch.nn.ModuleDict(
+        {"grn": randomize_(ConvNextV2GRN(shape[-1]), scale=0.5), "linear": torch.nn.Linear(shape[-1], out_features)}
+    ).double()
+    for name in frozen:
+        modules.get_parameter(name).requires_grad_(False)
+    grn, linear = modules["grn"], modules["linear"]
+    visible = (torch.rand(*shape[:-1], 1) > 0.4).double() if masked else None
+    h = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    inputs = [h] + [parameter for parameter in modules.parameters() if parameter.requires_grad]
+    expected = linear(grn(torch.nn.functional.gelu(h), visible))
+    expected_grads = torch.autograd.grad(expected.square().sum(), inputs)
+    got = _GeluGrnLinear.apply(h, grn.weight, grn.bias, linear.weight, linear.bias, grn, linear, visible)
+    grads = torch.autograd.grad(got.square().sum(), inputs)
+    assert max_diff(got, expected) <= 1e-12
+    for got_grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert max_diff(got_grad, expected_grad) <= 1e-12 * max(1.0, expected_grad.abs().max().item())
+
+
+def test_training_gradients_match_the_builtin_model(config):
+    # the whole block in training mode (GELU, GRN and pwconv2 as one function) against transformers' autograd
+    ours = randomize_(ConvNextV2ForImageClassification(config)).train()
+    reference = builtin.ConvNextV2ForImageClassification(builtin_config(config)).train()
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    pixels, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
+    ours(pixels, labels=labels).loss.backward()
+    reference(pixels, labels=labels).loss.backward()
+    reference_parameters = dict(reference.named_parameters())
+    for name, parameter in ours.named_parameters():
+        expected = reference_parameters[name].grad
+        assert max_diff(parameter.grad, expected) <= 1e-5 * max(1.0, expected.abs().max().item()), name
 
 
 def test_l2_norm_over_positions_in_chunks_equals_the_norm():
