@@ -89,6 +89,15 @@ def _sqrt_zero_gradient_at_zero(sum_of_squares: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, torch.where(positive, sum_of_squares, 1.0).sqrt(), 0.0)
 
 
+def _eager_autograd(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is on its way into a plain eager autograd graph, where our training-only autograd
+    functions may replace the modules: not while compiling (Inductor plans the backward itself) and not under
+    torch.func transforms (``grad``, ``vmap``), which need functions written for them."""
+    return (
+        tensor.requires_grad and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+    )
+
+
 def _bare(module: nn.Module, kind: type[nn.Module] = nn.Linear) -> bool:
     """A plain ``kind`` layer that nothing wraps or observes: not a subclass (a PEFT LoRA layer, a quantized or
     parametrized layer) and without hooks. Only such a layer may be bypassed by arithmetic on its weight or
@@ -324,7 +333,7 @@ class _SparseStageMask:
 
     def depthwise_conv(self, conv: nn.Conv2d, hidden_states: torch.Tensor) -> torch.Tensor:
         # the depthwise conv is cheap: run it densely on the zero-filled map, keep the visible outputs
-        if hidden_states.requires_grad and _bare(conv, nn.Conv2d) and not torch.compiler.is_compiling():
+        if _eager_autograd(hidden_states) and _bare(conv, nn.Conv2d):
             return _SparseDepthwiseConv.apply(hidden_states, conv.weight, conv.bias, self, conv)
         return self.gather(conv(self.to_dense(hidden_states)).permute(0, 2, 3, 1))
 
@@ -516,7 +525,7 @@ class ConvNextV2Layer(GradientCheckpointingLayer):
 
     def recompute_in_backward(self, features: torch.Tensor) -> bool:
         """Whether GELU, GRN and pwconv2 run as one autograd function that keeps only pwconv1's output."""
-        return features.requires_grad and self.exact_gelu and _bare(self.pwconv2) and not torch.compiler.is_compiling()
+        return _eager_autograd(features) and self.exact_gelu and _bare(self.pwconv2)
 
     def forward(self, hidden_states: torch.Tensor, stage_mask=None) -> torch.Tensor:
         if stage_mask is None:

@@ -399,6 +399,21 @@ def test_training_gradients_match_the_builtin_model(config):
         assert max_diff(parameter.grad, expected) <= 1e-5 * max(1.0, expected.abs().max().item()), name
 
 
+def test_torch_func_grad_gives_the_autograd_gradients(config):
+    # torch.func transforms cannot run our training-only autograd functions: the modules run instead
+    model = randomize_(ConvNextV2ForImageClassification(config)).train()
+    pixels, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
+    model(pixels, labels=labels).loss.backward()
+    parameters = {name: parameter.detach() for name, parameter in model.named_parameters()}
+
+    def loss(parameters):
+        return torch.func.functional_call(model, parameters, (pixels,), {"labels": labels}).loss
+
+    grads = torch.func.grad(loss)(parameters)
+    for name, parameter in model.named_parameters():
+        assert max_diff(grads[name], parameter.grad) <= 1e-5 * max(1.0, parameter.grad.abs().max().item()), name
+
+
 def test_l2_norm_over_positions_in_chunks_equals_the_norm():
     # 2M values per sample: on CPU, eager mode squares 2 samples at a time, so 5 samples take 3 chunks
     positions = torch.randn(5, 2048, 1024)
