@@ -149,8 +149,8 @@ class Bench:
                 case_times.append(time.perf_counter() - start)
         for (name, batch, _, anchor), case_times, peak in zip(cases, times, peaks, strict=True):
             median = statistics.median(case_times)
-            row = {"name": name, "batch": batch, "img_per_s": batch / median, "median_s": median}
-            row.update(peak_gb=peak, anchor=anchor)
+            row = {"name": name, "batch": batch, "img_per_s": batch / median, "median_s": median, "peak_gb": peak}
+            row["anchor"] = anchor
             self.rows.append(row)
             print(f"  {name:<{NAME_WIDTH}} {row['img_per_s']:9.1f} img/s", flush=True)
 
@@ -413,8 +413,8 @@ def main() -> None:
             f"{row['name']:<{NAME_WIDTH}} {row['img_per_s']:9.1f} {ratio:>7} {row['peak_gb']:8.3f} {memory:>7}  "
             f"{row['anchor'] or ''}"
         )
+    rows = {row["name"]: row for row in bench.rows}
     for name, anchor in bench.comparisons:
-        rows = {row["name"]: row for row in bench.rows}
         speed = rows[name]["img_per_s"] / rows[anchor]["img_per_s"]
         memory = rows[name]["peak_gb"] / rows[anchor]["peak_gb"]
         print(f"{name} against {anchor}: {speed:.2f}x the img/s, {memory:.0%} of the peak memory")

@@ -311,7 +311,6 @@ class _SparseStageMask:
     is_sparse = True
 
     def __init__(self, index: torch.Tensor, height: int, width: int):
-        self.index = index
         self.height, self.width = height, width
         offsets = torch.arange(index.shape[0], device=index.device).unsqueeze(1) * (height * width)
         self.rows = (index + offsets).reshape(-1)
