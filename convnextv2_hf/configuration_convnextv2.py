@@ -22,6 +22,16 @@ PRESETS: dict[str, dict[str, list[int]]] = {
 
 FCMAE_IMPLEMENTATIONS = ("sparse", "dense")
 
+# The fast paths of ``fast_paths_convnextv2.py``, by name. Each computes the same numbers as the reference math in
+# ``modeling_convnextv2.py`` (tests pin each one to it).
+FAST_PATH_NAMES = (
+    "grn_fold",  # GRN's scale and shift folded into the next linear's weight and bias (inference)
+    "inplace_gelu",  # GELU written over its input when no autograd graph needs it (inference)
+    "square_sum_norm",  # GRN's L2 norm as a chunked square-and-sum on CPU (eager)
+    "fused_gelu_grn_linear",  # GELU, GRN and pwconv2 as one autograd function keeping only pwconv1's output
+    "sparse_depthwise_conv",  # sparse FCMAE depthwise conv keeping the gathered input for its backward
+)
+
 
 @strict
 class ConvNextV2Config(_BuiltinConvNextV2Config):
@@ -49,6 +59,12 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
         How the masked encoder runs. ``"sparse"``: the pointwise part of every block runs only on the
         visible positions, gathered per sample (fast, the default). ``"dense"``: the paper's masked dense
         recipe, kept as the numerical reference. Both give the same result.
+    fast_paths (`bool` or `list[str]`, defaults to True):
+        Which of the speed-ups in ``fast_paths_convnextv2.py`` may run. ``True``: those chosen for the input's
+        device (see ``DEVICE_DEFAULTS`` there); ``False``: none, the reference math everywhere; a list of names
+        from ``FAST_PATH_NAMES``: exactly those, on any device. Whatever the setting, no fast path runs while
+        tracing, exporting, compiling, under torch.func transforms, or on a wrapped or hooked layer. The numbers
+        are the same either way.
     """
 
     model_type = "convnextv2"
@@ -60,6 +76,7 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
     decoder_depth: int = 1
     norm_pix_loss: bool = True
     fcmae_impl: str = "sparse"
+    fast_paths: bool | list[str] = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -105,6 +122,12 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
             )
         if self.fcmae_impl not in FCMAE_IMPLEMENTATIONS:
             raise ValueError(f"fcmae_impl must be one of {FCMAE_IMPLEMENTATIONS}, got fcmae_impl={self.fcmae_impl!r}")
+        if not isinstance(self.fast_paths, bool):
+            unknown = [name for name in self.fast_paths if name not in FAST_PATH_NAMES]
+            if unknown:
+                raise ValueError(
+                    f"fast_paths must be True, False or a list of names from {FAST_PATH_NAMES}, got unknown {unknown}"
+                )
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -139,4 +162,4 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
 
 ConvNextV2Config.register_for_auto_class()
 
-__all__ = ["ConvNextV2Config", "PRESETS"]
+__all__ = ["FAST_PATH_NAMES", "ConvNextV2Config", "PRESETS"]
