@@ -1,5 +1,5 @@
-"""Model cards of converted ConvNeXt V2 checkpoints, rendered with huggingface_hub's ``ModelCard`` from
-``model_cards/template.md``.
+"""Model cards of converted ConvNeXt V2 checkpoints, rendered with huggingface_hub's ``ModelCard`` from the
+package's ``model_card_template.md``.
 
 ``CardFacts`` is everything a card states; ``card_facts_for_official`` fills it from the checkpoint table (the
 committed cards, whose source hash is filled in at conversion time), ``conversion.card_facts_for_conversion``
@@ -24,8 +24,8 @@ from .checkpoints import (
 from .configuration_convnextv2 import PRESETS
 from .recipes import FINETUNE_RECIPES
 
-# a source checkout's template; the cards and the conversion scripts live beside the package, not in it
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+# ships inside the package (declared as package data), so an installed wheel renders cards too
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 
 
 @dataclass
@@ -80,7 +80,7 @@ def card_facts_for_official(checkpoint: OfficialCheckpoint, repo_id: str | None 
 
 def render_model_card(facts: CardFacts, template_path: str | Path | None = None) -> ModelCard:
     """The card of ``facts``: YAML metadata (license cc-by-nc-4.0, pipeline tag, ``model-index`` with the official
-    acc@1 for classifiers) and the text of ``template_path`` (default ``model_cards/template.md``)."""
+    acc@1 for classifiers) and the text of ``template_path`` (default: the package's ``model_card_template.md``)."""
     template_path = Path(template_path or MODEL_CARD_TEMPLATE)
     if not template_path.is_file():
         raise ValueError(f"model card template not found at {template_path}; pass template_path")
