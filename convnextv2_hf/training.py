@@ -16,6 +16,7 @@ Nothing here needs a Trainer subclass::
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,6 +66,54 @@ def _num_layer_ids(depths: list[int], layer_decay_type: str) -> int:
     return sum(depths) + 1 if layer_decay_type == "single" else 13
 
 
+@dataclass(frozen=True)
+class EncoderLocation:
+    """Where a model keeps its ConvNeXt V2 encoder: module paths as in ``named_modules`` ("" for the model itself)."""
+
+    encoder: str  # e.g. "backbone.encoder" in UperNet, "base_model.model.convnextv2.encoder" under PEFT
+    embeddings: str | None  # the stem beside it, e.g. "backbone.embeddings"
+    depths: list[int]
+
+
+def find_convnextv2_encoder(model: nn.Module) -> EncoderLocation:
+    """Find the one ConvNeXt V2 encoder inside ``model`` (a classifier, ``ConvNextV2Backbone`` in UperNet or
+    Mask2Former, the FCMAE model, a PEFT wrapper of any of these) and the stem beside it.
+
+    Modules are matched by class name: our classes, the built-in transformers ones and a remote-code copy are
+    distinct classes with the same parameter layout. ``depths`` is counted from the blocks present (it equals the
+    owning config's ``depths``). ``ValueError`` when there is no encoder, or more than one.
+    """
+    encoders = [(name, m) for name, m in model.named_modules() if type(m).__name__ == "ConvNextV2Encoder"]
+    if not encoders:
+        raise ValueError(
+            f"{type(model).__name__} holds no ConvNeXt V2 encoder (no ConvNextV2Encoder module): layer-wise lr decay "
+            "needs one to give the official layer ids"
+        )
+    if len(encoders) > 1:
+        raise ValueError(
+            f"{type(model).__name__} holds {len(encoders)} ConvNeXt V2 encoders ({[name for name, _ in encoders]}); "
+            "layer-wise lr decay is defined for one: build the param groups of each part yourself"
+        )
+    encoder_name, encoder = encoders[0]
+    holder = encoder_name.rpartition(".")[0]
+    stems = [name for name, m in model.named_modules() if type(m).__name__ == "ConvNextV2Embeddings"]
+    # the stem that feeds this encoder sits beside it (the FCMAE decoder has no stem of its own)
+    beside = [name for name in stems if name.rpartition(".")[0] == holder]
+    embeddings = beside[0] if len(beside) == 1 else (stems[0] if len(stems) == 1 else None)
+    depths = [len(stage.layers) for stage in encoder.stages]
+    return EncoderLocation(encoder=encoder_name, embeddings=embeddings, depths=depths)
+
+
+def _encoder_relative_name(name: str, location: EncoderLocation) -> str | None:
+    """``name`` as the layer-id rules spell it (``embeddings.*`` / ``encoder.stages.*``), None outside the encoder."""
+    for prefix, spelled in ((location.encoder, "encoder"), (location.embeddings, "embeddings")):
+        if prefix is None:
+            continue
+        if prefix == "" or name.startswith(prefix + "."):
+            return spelled + "." + (name[len(prefix) + 1 :] if prefix else name)
+    return None
+
+
 def skips_weight_decay(name: str, parameter: nn.Parameter) -> bool:
     """1-D parameters, biases and the GRN gamma/beta (shape (1, 1, 1, C), missed by a plain 1-D rule)."""
     return parameter.ndim <= 1 or name.endswith(".bias") or ".grn." in name or name.endswith("mask_token")
@@ -78,6 +127,11 @@ def layer_decay_param_groups(
     lr_scale of layer id k is ``layer_decay ** (max_id - k)``: 1.0 for the final norm and the head. Frozen
     parameters are left out without shifting any scale. Groups are ordered by decreasing scale, so group 0
     is the head's (the Trainer logs group 0's learning rate).
+
+    ``model`` is anything that holds one ConvNeXt V2 encoder (``find_convnextv2_encoder``): its stem and blocks get
+    their official ids wherever they sit, every other parameter (UperNet's decode and auxiliary heads, the
+    backbone's output norms, a classifier, the FCMAE decoder and mask token, PEFT adapters outside the encoder)
+    scale 1.0. Adapters inside a block (LoRA on ``pwconv1``) share that block's id.
     """
     if layer_decay_type not in LAYER_DECAY_TYPES:
         raise ValueError(f"layer_decay_type must be one of {LAYER_DECAY_TYPES}, got {layer_decay_type!r}")
@@ -85,8 +139,8 @@ def layer_decay_param_groups(
         raise ValueError(f"layer_decay must be in (0, 1], got layer_decay={layer_decay}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay}")
-    config = model.config
-    depths = list(config.depths)
+    location = find_convnextv2_encoder(model)
+    depths = location.depths
     if layer_decay_type == "group" and (len(depths) != 4 or depths[2] > 27):
         raise ValueError(
             f"layer_decay_type='group' is defined for 4 stages with at most 27 blocks in stage 3, got depths={depths}"
@@ -97,7 +151,8 @@ def layer_decay_param_groups(
         if not parameter.requires_grad:
             continue
         no_decay = skips_weight_decay(name, parameter)
-        index = layer_id(name, depths, layer_decay_type)
+        spelled = _encoder_relative_name(name, location)
+        index = max_id if spelled is None else layer_id(spelled, depths, layer_decay_type)
         group = groups.setdefault(
             (index, no_decay),
             {
@@ -313,6 +368,7 @@ __all__ = [
     "FCMAECollator",
     "FCMAEReconstructionCallback",
     "fcmae_loss",
+    "find_convnextv2_encoder",
     "layer_decay_optimizer",
     "layer_decay_param_groups",
     "layer_id",

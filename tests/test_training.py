@@ -134,6 +134,107 @@ def test_bad_layer_decay_arguments_raise_value_error(kwargs, message):
         layer_decay_param_groups(ConvNextV2ForImageClassification(tiny_config()), **kwargs)
 
 
+# --- layer decay on models that hold the encoder elsewhere -------------------------------------------------
+
+
+def scales_and_decays(model, decay, layer_decay_type="single", weight_decay=0.05):
+    groups = layer_decay_param_groups(model, weight_decay, decay, layer_decay_type)
+    table = {name: (g["lr_scale"], g["weight_decay"]) for g in groups for name in g["param_names"]}
+    assert set(table) == {n for n, p in model.named_parameters() if p.requires_grad}
+    return table
+
+
+def test_layer_decay_on_upernet_gives_the_backbone_official_ids_and_the_heads_scale_one():
+    from transformers import UperNetConfig, UperNetForSemanticSegmentation
+
+    backbone = ConvNextV2Config.from_preset("atto", out_features=["stage1", "stage2", "stage3", "stage4"])
+    model = UperNetForSemanticSegmentation(
+        UperNetConfig(backbone_config=backbone, num_labels=3, hidden_size=16, auxiliary_channels=8)
+    )
+    assert type(model.backbone).__module__.startswith("convnextv2_hf")
+    d = 0.8  # atto depths (2, 2, 6, 2): ids 1 .. 13, scale d ** (13 - id)
+    table = scales_and_decays(model, d)
+    expected = {
+        "backbone.embeddings.patch_embeddings.weight": (d**12, 0.05),  # stem: id 1
+        "backbone.embeddings.layernorm.weight": (d**12, 0.0),
+        "backbone.encoder.stages.0.layers.1.pwconv1.weight": (d**11, 0.05),  # id 2
+        "backbone.encoder.stages.1.downsampling_layer.1.weight": (d**10, 0.05),  # id 3, as the block after it
+        "backbone.encoder.stages.2.layers.3.grn.weight": (d**5, 0.0),  # id 2 + 2 + 3 + 1 = 8
+        "backbone.encoder.stages.3.downsampling_layer.1.weight": (d**2, 0.05),  # id 11
+        "backbone.encoder.stages.3.layers.1.dwconv.weight": (d**1, 0.05),  # id 12
+        "backbone.hidden_states_norms.stage2.weight": (1.0, 0.0),  # the backbone's output norms: id 13
+        "decode_head.classifier.weight": (1.0, 0.05),
+        "decode_head.fpn_bottleneck.batch_norm.weight": (1.0, 0.0),
+        "auxiliary_head.convs.0.conv.weight": (1.0, 0.05),
+    }
+    for name, value in expected.items():
+        assert table[name] == pytest.approx(value), name
+    heads = [n for n in table if n.startswith(("decode_head.", "auxiliary_head."))]
+    assert len(heads) > 40 and all(table[n][0] == 1.0 for n in heads)
+    # the backbone's blocks get exactly the scales of the same blocks inside a classifier
+    classifier = scales_and_decays(ConvNextV2ForImageClassification(ConvNextV2Config.from_preset("atto")), d)
+    for name, value in classifier.items():
+        if name.startswith(("convnextv2.embeddings.", "convnextv2.encoder.")):
+            assert table["backbone." + name.removeprefix("convnextv2.")] == pytest.approx(value), name
+    # the stock Trainer takes the groups (UperNet's own config has no `depths`)
+    args = TrainingArguments(output_dir="unused", learning_rate=1e-3, weight_decay=0.05, use_cpu=True, report_to="none")
+    _, kwargs = layer_decay_optimizer(model, args, layer_decay=d, layer_decay_type="single")
+    assert kwargs["params"][0]["lr"] == pytest.approx(1e-3) and min(g["lr"] for g in kwargs["params"]) == pytest.approx(
+        1e-3 * d**12
+    )
+
+
+def test_layer_decay_on_a_peft_lora_classifier_follows_the_wrapped_blocks():
+    from peft import LoraConfig, get_peft_model
+
+    base = ConvNextV2ForImageClassification(tiny_config())
+    plain = scales_and_decays(base, 0.7)
+    wrapped = get_peft_model(
+        base, LoraConfig(r=2, target_modules=["pwconv1", "pwconv2"], modules_to_save=["classifier"])
+    )
+    table = scales_and_decays(wrapped, 0.7)
+    lora = [n for n in table if ".lora_" in n]
+    assert len(lora) == 2 * 2 * sum(base.config.depths)  # A and B of two linears per block, the rest is frozen
+    for name in lora:  # each adapter shares the id of the block it sits in
+        block = name.removeprefix("base_model.model.").split(".pwconv")[0]
+        expected = next(value for n, value in plain.items() if n.startswith(block + ".pwconv"))
+        assert table[name][0] == pytest.approx(expected[0]), name
+    first = "base_model.model.convnextv2.encoder.stages.0.layers.0.pwconv1.lora_A.default.weight"
+    assert table[first][0] == pytest.approx(0.7 ** sum(base.config.depths))  # id 1 of ids 1 .. sum(depths) + 1
+    head = [n for n in table if n.startswith("base_model.model.classifier.")]
+    assert head and all(table[n][0] == 1.0 for n in head)
+
+
+def test_layer_decay_on_the_fcmae_model_matches_the_classifier_and_gives_the_decoder_scale_one():
+    fcmae = ConvNextV2ForMaskedImageModeling(tiny_config())
+    table = scales_and_decays(fcmae, 0.6)
+    classifier = scales_and_decays(ConvNextV2ForImageClassification(tiny_config()), 0.6)
+    encoder = [n for n in table if n.startswith(("convnextv2.embeddings.", "convnextv2.encoder."))]
+    assert encoder and all(table[n] == classifier[n] for n in encoder)
+    decoder = [n for n in table if not n.startswith("convnextv2.")]
+    assert {"mask_token", "decoder.0.dwconv.weight"} <= set(decoder)
+    assert all(table[n][0] == 1.0 for n in decoder)
+    assert table["mask_token"][1] == 0.0 and table["decoder.0.grn.weight"][1] == 0.0
+
+
+def test_layer_decay_on_the_builtin_transformers_classifier_equals_ours():
+    import transformers
+
+    ours = ConvNextV2ForImageClassification(tiny_config())
+    builtin = transformers.ConvNextV2ForImageClassification(transformers.ConvNextV2Config(**tiny_config().to_dict()))
+    assert scales_and_decays(builtin, 0.8, "single") == scales_and_decays(ours, 0.8, "single")
+
+
+def test_layer_decay_without_an_encoder_or_with_two_raises_value_error():
+    with pytest.raises(ValueError, match="Linear holds no ConvNeXt V2 encoder"):
+        layer_decay_param_groups(torch.nn.Linear(2, 2), 0.05, 0.9)
+    from convnextv2_hf import ConvNextV2Model
+
+    pair = torch.nn.ModuleDict({"teacher": ConvNextV2Model(tiny_config()), "student": ConvNextV2Model(tiny_config())})
+    with pytest.raises(ValueError, match=r"holds 2 ConvNeXt V2 encoders \(\['teacher.encoder', 'student.encoder'\]\)"):
+        layer_decay_param_groups(pair, 0.05, 0.9)
+
+
 # --- the Trainer ------------------------------------------------------------------------------------------
 
 
