@@ -15,6 +15,9 @@ Nothing here needs a Trainer subclass::
 
 from __future__ import annotations
 
+import inspect
+import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +246,74 @@ def fcmae_loss(outputs, labels=None, num_items_in_batch=None) -> torch.Tensor:
 EMA_WEIGHTS_NAME = "ema_model.safetensors"
 
 
+def check_safetensors_files(folder: str | os.PathLike) -> None:
+    """``ValueError`` naming the first ``*.safetensors`` file in ``folder`` that is unreadable or cut short (its
+    header must describe exactly the bytes present). Reads headers only."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as error:  # SafetensorError ("incomplete metadata", "invalid header length"), OSError
+            raise ValueError(f"{path} is not a complete safetensors file: {error} (is it truncated?)") from error
+
+
+def resume_checkpoint(args: TrainingArguments) -> str | None:
+    """What a script passes to ``trainer.train(resume_from_checkpoint=...)`` for ``--resume_from_checkpoint``:
+    None, a checkpoint folder, or the newest ``checkpoint-*`` in ``output_dir`` for ``True``/``last`` (the
+    Trainer would take the string "True" for a folder). The folder must hold ``trainer_state.json`` and complete
+    safetensors files, else ``ValueError`` naming what is wrong, before any training starts."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = args.resume_from_checkpoint
+    if value is None or value is False or str(value).lower() in ("", "false", "none"):
+        return None
+    if value is True or str(value).lower() in ("true", "last"):
+        if not Path(args.output_dir).is_dir() or (folder := get_last_checkpoint(args.output_dir)) is None:
+            raise ValueError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {args.output_dir}")
+    else:
+        folder = str(value)
+    if not (Path(folder) / "trainer_state.json").is_file():
+        raise ValueError(f"--resume_from_checkpoint {folder}: not a Trainer checkpoint (no trainer_state.json there)")
+    check_safetensors_files(folder)
+    return folder
+
+
+def resumed_checkpoint(args: TrainingArguments, state) -> Path | None:
+    """The checkpoint folder the running ``Trainer.train`` has just resumed from, seen from a callback.
+
+    The Trainer hands that folder to no callback, so this looks in order at: the ``resume_from_checkpoint`` the
+    running ``train`` call resolved (``True`` becomes the newest checkpoint; a local of the Trainer frames that
+    called us), ``args.resume_from_checkpoint``, and ``<output_dir>/checkpoint-<step>``. A folder counts only if
+    its ``trainer_state.json`` is the state the Trainer loaded (same step and log history), so a stale
+    ``args.resume_from_checkpoint`` or another run's folder is never taken.
+    """
+    from transformers import Trainer
+
+    candidates: list[str] = []
+    frame = inspect.currentframe()
+    while frame is not None:
+        value = frame.f_locals.get("resume_from_checkpoint")
+        if isinstance(frame.f_locals.get("self"), Trainer) and isinstance(value, (str, os.PathLike)):
+            candidates.append(os.fspath(value))
+            break
+        frame = frame.f_back
+    del frame  # frames hold references to every local up the stack
+    if isinstance(args.resume_from_checkpoint, (str, os.PathLike)):
+        candidates.append(os.fspath(args.resume_from_checkpoint))
+    candidates.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+    for candidate in candidates:
+        state_file = Path(candidate) / "trainer_state.json"
+        try:
+            saved = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if saved.get("global_step") == state.global_step and saved.get("log_history") == state.log_history:
+            return Path(candidate)
+    return None
+
+
 class EMACallback(TrainerCallback):
     """Exponential moving average of the weights (``torch.optim.swa_utils.AveragedModel``), updated after every
     optimizer step (official decay 0.9999). The EMA weights are saved in each checkpoint as
@@ -265,16 +336,19 @@ class EMACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._build(model)
         if state.global_step == 0:
+            if args.resume_from_checkpoint:
+                logger.warning(
+                    f"TrainingArguments.resume_from_checkpoint={args.resume_from_checkpoint!r}, but the Trainer "
+                    "started at step 0: it resumes only from `trainer.train(resume_from_checkpoint=...)` (the argument "
+                    "is for scripts to pass on; see `resume_checkpoint`). Model, optimizer and EMA all start afresh."
+                )
             return
-        # resuming: the Trainer has loaded the checkpoint of step `global_step`, ours sits beside it
-        candidates = [Path(args.output_dir) / f"checkpoint-{state.global_step}" / EMA_WEIGHTS_NAME]
-        if args.resume_from_checkpoint:
-            candidates.insert(0, Path(args.resume_from_checkpoint) / EMA_WEIGHTS_NAME)
-        found = next((path for path in candidates if path.exists()), None)
-        if found is None:
-            logger.warning(f"resuming at step {state.global_step} without EMA weights; the average restarts here")
-        else:
-            self.load(found)
+        folder = resumed_checkpoint(args, state)
+        if folder is None or not (folder / EMA_WEIGHTS_NAME).exists():
+            where = "found no checkpoint folder at that step" if folder is None else f"{folder} holds no EMA weights"
+            logger.warning(f"resuming at step {state.global_step}: {where}; the EMA restarts from the current weights")
+            return
+        self.load(folder / EMA_WEIGHTS_NAME, expected_step=state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.ema.update_parameters(model)
@@ -282,7 +356,7 @@ class EMACallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir() and args.should_save:
-            self.save(checkpoint / EMA_WEIGHTS_NAME)
+            self.save(checkpoint / EMA_WEIGHTS_NAME, global_step=state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.use_for_final_save and self.ema is not None:
@@ -293,17 +367,39 @@ class EMACallback(TrainerCallback):
         state["n_averaged"] = self.ema.n_averaged.detach().cpu().reshape(1)
         return state
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, global_step: int | None = None) -> None:
+        """Write the EMA weights and ``n_averaged`` to a safetensors file (via a temporary file, so an interrupted
+        save never leaves a partial file under ``path``); ``global_step`` goes into the file's metadata."""
         from safetensors.torch import save_file
 
-        save_file(self.state_dict(), str(path))
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        metadata = None if global_step is None else {"global_step": str(global_step)}
+        save_file(self.state_dict(), str(partial), metadata=metadata)
+        os.replace(partial, path)
 
-    def load(self, path: Path) -> None:
-        from safetensors.torch import load_file
+    def load(self, path: Path, expected_step: int | None = None) -> None:
+        """Load EMA weights written by ``save``. ``ValueError`` naming the file when it is unreadable (truncated),
+        belongs to another model, or was saved at another step than ``expected_step``."""
+        from safetensors import safe_open
 
-        state = load_file(str(path))
-        self.ema.n_averaged.copy_(state.pop("n_averaged").reshape(()))
-        self.ema.module.load_state_dict(state)
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                metadata = file.metadata() or {}
+                state = {key: file.get_tensor(key) for key in file.keys()}
+        except Exception as error:  # SafetensorError for a cut-short header or data, OSError
+            raise ValueError(f"cannot read the EMA weights {path}: {error} (is the file truncated?)") from error
+        saved_step = metadata.get("global_step")
+        if expected_step is not None and saved_step is not None and int(saved_step) != expected_step:
+            raise ValueError(f"the EMA weights {path} were saved at step {saved_step}, not at step {expected_step}")
+        if "n_averaged" not in state:
+            raise ValueError(f"{path} holds no 'n_averaged' entry: it is not an EMA file written by EMACallback")
+        n_averaged = state.pop("n_averaged").reshape(())
+        try:
+            self.ema.module.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"the EMA weights {path} do not fit this model: {error}") from error
+        self.ema.n_averaged.copy_(n_averaged)
 
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite ``model``'s weights with the EMA weights."""
@@ -367,10 +463,13 @@ __all__ = [
     "EMACallback",
     "FCMAECollator",
     "FCMAEReconstructionCallback",
+    "check_safetensors_files",
     "fcmae_loss",
     "find_convnextv2_encoder",
     "layer_decay_optimizer",
     "layer_decay_param_groups",
     "layer_id",
+    "resume_checkpoint",
+    "resumed_checkpoint",
     "skips_weight_decay",
 ]

@@ -1,6 +1,7 @@
 """Trainer plug-ins: layer-wise lr decay, the FCMAE loss under accumulation and DDP, EMA, reconstructions."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from convnextv2_hf.training import (
     fcmae_loss,
     layer_decay_optimizer,
     layer_decay_param_groups,
+    resume_checkpoint,
 )
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -364,41 +366,142 @@ class StopAtStep(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_ema_callback_averages_saves_and_restores_on_resume(tmp_path):
-    def run(output_dir, stop_at=None, resume=None):
-        torch.manual_seed(0)
-        model = ConvNextV2ForImageClassification(tiny_config())
-        args = training_args(output_dir, max_steps=6, save_strategy="steps", save_steps=3)
-        ema = EMACallback(decay=0.5)
-        callbacks = [ema] + ([StopAtStep(stop_at)] if stop_at else [])
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=LabelledImages(),
-            optimizer_cls_and_kwargs=layer_decay_optimizer(model, args, layer_decay=0.8),
-            callbacks=callbacks,
-        )
-        trainer.train(resume_from_checkpoint=resume)
-        return model, ema, trainer
-
-    full_model, full_ema, _ = run(tmp_path / "full")
-    assert (tmp_path / "full" / "checkpoint-3" / EMA_WEIGHTS_NAME).exists()
-    # an interrupted run stops after step 3 (checkpoint-3); a fresh Trainer resumes it to step 6
-    run(tmp_path / "interrupted", stop_at=3)
-    resumed_model, resumed_ema, trainer = run(
-        tmp_path / "interrupted", resume=str(tmp_path / "interrupted" / "checkpoint-3")
+def ema_run(output_dir, stop_at=None, resume=None, seed=0, **arg_overrides):
+    """6 steps (checkpoints at 3 and 6); ``stop_at`` interrupts as a killed job would, right after a checkpoint."""
+    torch.manual_seed(seed)
+    model = ConvNextV2ForImageClassification(tiny_config())
+    fields = dict(max_steps=6, save_strategy="steps", save_steps=3, seed=seed)
+    args = training_args(output_dir, **{**fields, **arg_overrides})
+    ema = EMACallback(decay=0.5)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=LabelledImages(),
+        optimizer_cls_and_kwargs=layer_decay_optimizer(model, args, layer_decay=0.8),
+        callbacks=[ema] + ([StopAtStep(stop_at)] if stop_at else []),
     )
-    assert [len(g["params"]) for g in trainer.optimizer.param_groups] == [
-        len(g["params"]) for g in layer_decay_param_groups(resumed_model, 0.05, 0.8)
-    ]
-    for name, tensor in full_model.state_dict().items():
-        assert (resumed_model.state_dict()[name] - tensor).abs().max() <= 1e-6, name
-    full_average, resumed_average = full_ema.state_dict(), resumed_ema.state_dict()
-    assert full_average["n_averaged"].item() == resumed_average["n_averaged"].item() == 6
-    for name, tensor in full_average.items():
-        assert (resumed_average[name] - tensor).abs().max() <= 1e-6, name
+    trainer.train() if resume == "no argument" else trainer.train(resume_from_checkpoint=resume)
+    return model, ema, trainer
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ema_run(tmp_path_factory):
+    model, ema, _ = ema_run(tmp_path_factory.mktemp("full"))
+    return model.state_dict(), ema.state_dict()
+
+
+@pytest.mark.parametrize("way", ["path", "True", "moved path", "args", "args True", "stale args"])
+def test_ema_resumes_bit_for_bit_whichever_way_training_resumes(tmp_path, uninterrupted_ema_run, way):
+    full_model, full_ema = uninterrupted_ema_run
+    interrupted = tmp_path / "run"
+    ema_run(interrupted, stop_at=3)
+    assert (interrupted / "checkpoint-3" / EMA_WEIGHTS_NAME).exists() and not (interrupted / "checkpoint-6").exists()
+    checkpoint = str(interrupted / "checkpoint-3")
+    if way == "path":
+        resumed_model, resumed_ema, trainer = ema_run(interrupted, resume=checkpoint)
+    elif way == "True":
+        resumed_model, resumed_ema, trainer = ema_run(interrupted, resume=True)
+    elif way in ("args", "args True"):  # what the example scripts do with --resume_from_checkpoint
+        value = checkpoint if way == "args" else "True"
+        args = training_args(interrupted, resume_from_checkpoint=value)
+        assert resume_checkpoint(args) == checkpoint
+        resumed_model, resumed_ema, trainer = ema_run(
+            interrupted, resume=resume_checkpoint(args), resume_from_checkpoint=value
+        )
+    else:  # the checkpoint copied elsewhere, resumed into a new output folder (with a stale --resume_from_checkpoint)
+        moved = shutil.copytree(checkpoint, tmp_path / "elsewhere" / "copy")
+        shutil.rmtree(interrupted)
+        stale = {}
+        if way == "stale args":  # another run's checkpoint at the same step: its EMA must not be taken
+            ema_run(tmp_path / "other", stop_at=3, seed=1)
+            stale = {"resume_from_checkpoint": str(tmp_path / "other" / "checkpoint-3")}
+        resumed_model, resumed_ema, trainer = ema_run(tmp_path / "new_output", resume=str(moved), **stale)
+    assert trainer.state.global_step == 6
+    for name, tensor in full_model.items():
+        assert torch.equal(resumed_model.state_dict()[name], tensor), name
+    resumed = resumed_ema.state_dict()
+    assert resumed.keys() == full_ema.keys() and resumed["n_averaged"].item() == 6
+    for name, tensor in full_ema.items():
+        assert torch.equal(resumed[name], tensor), name
     # the average is not the model: it lags behind it
-    assert any((full_average[n] - t).abs().max() > 1e-6 for n, t in full_model.state_dict().items())
+    assert any(not torch.equal(full_ema[n], t) for n, t in full_model.items())
+
+
+def test_layer_decay_groups_are_rebuilt_before_the_optimizer_state_loads(tmp_path):
+    ema_run(tmp_path, stop_at=3)
+    model, _, trainer = ema_run(tmp_path, resume=True)
+    assert [len(g["params"]) for g in trainer.optimizer.param_groups] == [
+        len(g["params"]) for g in layer_decay_param_groups(model, 0.05, 0.8)
+    ]
+
+
+def test_args_resume_without_passing_it_to_train_warns_that_nothing_resumed(tmp_path, caplog):
+    ema_run(tmp_path, stop_at=3)
+    with caplog.at_level("WARNING", logger="convnextv2_hf.training"):
+        _, ema, trainer = ema_run(
+            tmp_path, resume="no argument", resume_from_checkpoint=str(tmp_path / "checkpoint-3"), max_steps=1
+        )
+    assert trainer.state.global_step == 1 and ema.ema.n_averaged.item() == 1  # the Trainer itself did not resume
+    assert "the Trainer started at step 0: it resumes only from `trainer.train(resume_from_checkpoint=...)`" in (
+        caplog.text
+    )
+
+
+def test_resuming_without_ema_weights_warns_and_restarts_the_average(tmp_path, caplog):
+    ema_run(tmp_path, stop_at=3)
+    (tmp_path / "checkpoint-3" / EMA_WEIGHTS_NAME).unlink()
+    with caplog.at_level("WARNING", logger="convnextv2_hf.training"):
+        _, ema, _ = ema_run(tmp_path, resume=True)
+    assert "checkpoint-3 holds no EMA weights; the EMA restarts" in caplog.text
+    assert ema.ema.n_averaged.item() == 3
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_a_truncated_ema_file_stops_the_resume_with_its_name(tmp_path):
+    ema_run(tmp_path, stop_at=3)
+    truncate(tmp_path / "checkpoint-3" / EMA_WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=r"cannot read the EMA weights .*checkpoint-3/ema_model\.safetensors.*trunc"):
+        ema_run(tmp_path, resume=True)
+    args = training_args(tmp_path, resume_from_checkpoint="last")
+    with pytest.raises(ValueError, match=r"checkpoint-3/ema_model\.safetensors is not a complete safetensors file"):
+        resume_checkpoint(args)  # the scripts' check, before any training
+
+
+def test_an_ema_file_from_another_step_or_model_is_refused(tmp_path):
+    ema_run(tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    shutil.copy(tmp_path / "run" / "checkpoint-6" / EMA_WEIGHTS_NAME, checkpoint / EMA_WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=r"ema_model\.safetensors were saved at step 6, not at step 3"):
+        ema_run(tmp_path / "run", resume=str(checkpoint))
+    other = EMACallback(decay=0.5)
+    other._build(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"ema_model\.safetensors do not fit this model"):
+        other.load(checkpoint / EMA_WEIGHTS_NAME)
+
+
+def test_a_truncated_model_file_is_named_before_resuming(tmp_path):
+    ema_run(tmp_path, stop_at=3)
+    truncate(tmp_path / "checkpoint-3" / "model.safetensors", keep=0.9)
+    args = training_args(tmp_path, resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    with pytest.raises(ValueError, match=r"checkpoint-3/model\.safetensors is not a complete safetensors file"):
+        resume_checkpoint(args)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("True", r"no checkpoint-\* folder in"),
+        ("does/not/exist", "not a Trainer checkpoint"),
+    ],
+)
+def test_resume_checkpoint_rejects_what_cannot_be_resumed(tmp_path, value, message):
+    with pytest.raises(ValueError, match=message):
+        resume_checkpoint(training_args(tmp_path / "empty", resume_from_checkpoint=value))
+    assert resume_checkpoint(training_args(tmp_path, resume_from_checkpoint=None)) is None
 
 
 def test_ema_matches_the_closed_form_average():
