@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 here = Path(__file__).parent
 version = next(
-    line.split('"')[1] for line in (here / "convnextv2_hf" / "__init__.py").read_text().splitlines()
+    line.split('"')[1] for line in (here / "convnextv2_hf" / "__init__.py").read_text(encoding="utf-8").splitlines()
     if line.startswith("__version__")
 )
 
@@ -21,10 +21,13 @@ setup(
     name="convnextv2-hf",
     version=version,
     description="ConvNeXt V2 with FCMAE masked image modeling for Hugging Face transformers",
-    long_description=(here / "README.md").read_text(),
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    license="MIT",
+    # PEP 639: an SPDX expression (setuptools >= 77); the "License ::" classifier and free-text license are deprecated
+    license_expression="MIT",
     packages=find_packages(include=["convnextv2_hf", "convnextv2_hf.*"]),
+    # every non-Python file the package reads at run time: the ImageNet-1K label names and the model card template
+    package_data={"convnextv2_hf": ["*.json", "*.md"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -38,7 +41,6 @@ setup(
     extras_require=extras,
     classifiers=[
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: MIT License",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )

@@ -44,7 +44,9 @@ _BLOCK = re.compile(r"(^|\.)encoder\.stages\.(\d+)\.layers\.(\d+)\.")
 
 
 def layer_id(name: str, depths: list[int], layer_decay_type: str = "single") -> int:
-    """The official layer id of a parameter (OFFICIAL.md), from our (transformers') parameter name."""
+    """The official layer id of a parameter, from our (transformers') parameter name: the rules of
+    ``get_num_layer_for_convnext_single`` ("single") and ``get_num_layer_for_convnext`` ("group") in the official
+    repository's ``optim_factory.py`` (https://github.com/facebookresearch/ConvNeXt-V2)."""
     if layer_decay_type == "single":
         if _STEM.search(name):
             return 1
@@ -318,8 +320,9 @@ class EMACallback(TrainerCallback):
     """Exponential moving average of the weights (``torch.optim.swa_utils.AveragedModel``), updated after every
     optimizer step (official decay 0.9999). The EMA weights are saved in each checkpoint as
     ``ema_model.safetensors`` and restored on resume. ``use_for_final_save=True`` copies them into the model
-    when training ends, so ``trainer.save_model()`` writes the EMA weights; ``evaluate_ema`` does the same for
-    a given evaluation (see ``ema_weights``).
+    when training ends, so ``trainer.save_model()`` writes the EMA weights. To evaluate the average at any other
+    point, ``copy_to`` a model (or use ``callback.ema.module``, the averaged copy); ``state_dict``, ``save`` and
+    ``load`` give the EMA weights as tensors or a safetensors file.
     """
 
     def __init__(self, decay: float = 0.9999, use_for_final_save: bool = False):
