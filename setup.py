@@ -10,9 +10,17 @@ version = next(
 
 extras = {
     "training": ["datasets>=3", "accelerate>=1.0", "evaluate>=0.4"],
-    # tests need the training stack plus timm (parity), scikit-image (real photos), scikit-learn (digits) and
-    # peft (LoRA adapters on the block linears)
-    "dev": ["pytest>=8", "timm>=1.0", "ruff>=0.5", "scikit-image>=0.22", "scikit-learn>=1.3", "peft>=0.13"],
+    # tests need the training stack plus timm (parity), scikit-image (real photos), scikit-learn (digits),
+    # peft (LoRA adapters on the block linears) and setuptools >= 77 (the packaging test builds the wheel offline)
+    "dev": [
+        "pytest>=8",
+        "timm>=1.0",
+        "ruff>=0.5",
+        "scikit-image>=0.22",
+        "scikit-learn>=1.3",
+        "peft>=0.13",
+        "setuptools>=77",
+    ],
 }
 extras["dev"] += extras["training"]
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
