@@ -1,11 +1,22 @@
 """ConvNeXt V2 configuration with the FCMAE (masked image modeling) fields.
 
-This file travels to the Hub as remote code: it imports only ``transformers`` and the standard library.
+This file travels to the Hub as remote code: it imports only ``transformers``, ``huggingface_hub`` and the standard
+library.
+
+Every value is checked wherever it can enter: at construction, in ``from_dict``/``from_pretrained`` keyword
+overrides (merged into the construction, so related fields are checked together), and on attribute assignment. A bad
+value is a ``ValueError`` that names the field and the value.
 """
 
 from __future__ import annotations
 
-from huggingface_hub.dataclasses import strict
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
+
+from huggingface_hub.errors import StrictDataclassError
 from transformers import ConvNextV2Config as _BuiltinConvNextV2Config
 
 # depths and widths of the eight official sizes (paper, Table 1 / official README)
@@ -32,8 +43,164 @@ FAST_PATH_NAMES = (
     "sparse_depthwise_conv",  # sparse FCMAE depthwise conv keeping the gathered input for its backward
 )
 
+# Keyword arguments that transformers' PreTrainedConfig (and its backbone mixin) accepts beside the dataclass fields.
+PRETRAINED_CONFIG_KWARGS = (
+    "num_labels",
+    "out_features",
+    "out_indices",
+    "output_attentions",
+    "attn_implementation",
+    "name_or_path",
+)
 
-@strict
+
+# ---- one rule per field: each returns what is wrong with the value, or None --------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a size
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> str | None:
+    return None if _is_int(value) and value > 0 else "must be a positive int"
+
+
+def _non_negative_int(value: Any) -> str | None:
+    return None if _is_int(value) and value >= 0 else "must be an int >= 0"
+
+
+def _square_size(value: Any) -> str | None:
+    """An int, or the (height, width) pair transformers also accepts, as long as both sides are equal."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    return None if _is_int(value) and value > 0 else "must be a positive int (or a pair of two equal ones)"
+
+
+def _image_size(value: Any) -> str | None:
+    sides = list(value) if isinstance(value, (list, tuple)) and len(value) == 2 else [value]
+    return None if all(_is_int(side) and side > 0 for side in sides) else "must be a positive int or (height, width)"
+
+
+def _stage_sizes(value: Any) -> str | None:
+    ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(v) and v > 0 for v in value)
+    return None if ok else "must be a non-empty list of positive ints, one per stage"
+
+
+def _mask_ratio(value: Any) -> str | None:
+    # 0 removes no patch: FCMAE then has nothing to predict and its loss is 0/0. NaN fails the comparison too.
+    ok = _is_number(value) and 0 < value < 1
+    return None if ok else "must be a number with 0 < mask_ratio < 1 (the fraction of patches removed)"
+
+
+def _drop_path_rate(value: Any) -> str | None:
+    return None if _is_number(value) and 0 <= value < 1 else "must be a number in [0, 1)"
+
+
+def _positive_finite(value: Any) -> str | None:
+    return None if _is_number(value) and 0 < value < math.inf else "must be a finite number > 0"
+
+
+def _bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be True or False"
+
+
+def _hidden_act(value: Any) -> str | None:
+    from transformers.activations import ACT2FN  # imported here: it imports torch, reading a config does not need it
+
+    if isinstance(value, str) and value in ACT2FN:
+        return None
+    return f"must be the name of an activation in transformers.activations.ACT2FN, one of {sorted(ACT2FN)}"
+
+
+def _fcmae_impl(value: Any) -> str | None:
+    ok = isinstance(value, str) and value in FCMAE_IMPLEMENTATIONS
+    return None if ok else f"must be one of {FCMAE_IMPLEMENTATIONS}"
+
+
+def _fast_paths(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
+        unknown = [name for name in value if name not in FAST_PATH_NAMES]
+        if not unknown:
+            return None
+        return f"must be True, False or a list of names from {FAST_PATH_NAMES} (unknown: {unknown})"
+    return f"must be True, False or a list of names from {FAST_PATH_NAMES}"
+
+
+FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
+    "num_channels": _positive_int,
+    "patch_size": _square_size,
+    "num_stages": _positive_int,
+    "depths": _stage_sizes,
+    "hidden_sizes": _stage_sizes,
+    "hidden_act": _hidden_act,
+    "initializer_range": _positive_finite,
+    "layer_norm_eps": _positive_finite,
+    "drop_path_rate": _drop_path_rate,
+    "image_size": _image_size,
+    "mask_ratio": _mask_ratio,
+    "mask_patch_size": _positive_int,
+    "decoder_hidden_size": _positive_int,
+    "decoder_depth": _non_negative_int,
+    "norm_pix_loss": _bool,
+    "fcmae_impl": _fcmae_impl,
+    "fast_paths": _fast_paths,
+}
+
+# transformers types these as plain ``float``, and its strict type check refuses an int such as 1
+_FLOAT_FIELDS = ("initializer_range", "layer_norm_eps")
+
+# fields tied to each other (stage count, total stride); the rules over them need the whole config
+STRUCTURE_FIELDS = frozenset({"depths", "hidden_sizes", "num_stages", "patch_size", "mask_patch_size"})
+
+
+def check_field(name: str, value: Any) -> Any:
+    """``value`` as it will be stored (ints become floats for float fields); ``ValueError`` naming field and value."""
+    rule = FIELD_RULES.get(name)
+    if rule is None:
+        return value
+    problem = rule(value)
+    if problem is not None:
+        raise ValueError(f"{name} {problem}, got {name}={value!r}")
+    if name in _FLOAT_FIELDS:
+        value = float(value)
+    return value
+
+
+def _total_stride(patch_size: int | list[int] | tuple[int, int], num_stages: int) -> int:
+    patch = patch_size if isinstance(patch_size, int) else patch_size[0]
+    return patch * 2 ** (num_stages - 1)
+
+
+def structure_problem(get: Callable[[str], Any]) -> str | None:
+    """What is wrong between the fields of ``STRUCTURE_FIELDS`` (each read with ``get``), or None."""
+    depths, widths, num_stages = list(get("depths")), list(get("hidden_sizes")), get("num_stages")
+    if len(depths) != len(widths):
+        return (
+            f"depths and hidden_sizes must have the same length, got depths={depths} ({len(depths)} stages) "
+            f"and hidden_sizes={widths} ({len(widths)} stages)"
+        )
+    if num_stages != len(depths):
+        return (
+            f"num_stages={num_stages} does not match the {len(depths)} stages given by depths={depths}; "
+            f"pass num_stages={len(depths)}"
+        )
+    stride = _total_stride(get("patch_size"), num_stages)
+    mask_patch_size = get("mask_patch_size")
+    if mask_patch_size % stride != 0:
+        return (
+            f"mask_patch_size must be a positive multiple of the total stride {stride} (patch_size * 2 ** "
+            f"(num_stages - 1): one masked patch covers whole positions of the last stage), "
+            f"got mask_patch_size={mask_patch_size}"
+        )
+    return None
+
+
 class ConvNextV2Config(_BuiltinConvNextV2Config):
     r"""Configuration of every ConvNeXt V2 model in this package.
 
@@ -43,10 +210,10 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
     (transformers reads its docstring examples' checkpoint from this line). It adds:
 
     layer_norm_eps (`float`, defaults to 1e-6):
-        Epsilon of the final LayerNorm. The official models use 1e-6; transformers' default is 1e-12.
+        Epsilon of the final LayerNorm, > 0. The official models use 1e-6; transformers' default is 1e-12.
         Configs loaded from a file keep whatever value the file holds.
     mask_ratio (`float`, defaults to 0.6):
-        Fraction of ``mask_patch_size`` patches removed per image during FCMAE pretraining, in [0, 1).
+        Fraction of ``mask_patch_size`` patches removed per image during FCMAE pretraining, 0 < mask_ratio < 1.
     mask_patch_size (`int`, defaults to 32):
         Side of a masked patch in pixels; a positive multiple of the total stride (32 for the official layout).
     decoder_hidden_size (`int`, defaults to 512):
@@ -65,7 +232,16 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
         from ``FAST_PATH_NAMES``: exactly those, on any device. Whatever the setting, no fast path runs while
         tracing, exporting, compiling, under torch.func transforms, or on a wrapped or hooked layer. The numbers
         are the same either way.
+
+    Every value is checked (``FIELD_RULES``, ``structure_problem``) at construction, in ``from_dict`` and
+    ``from_pretrained`` overrides, and on assignment: ``config.mask_ratio = 1.5`` raises ``ValueError``. Fields
+    tied to each other (``patch_size`` and ``mask_patch_size``, say) change together with ``config.update({...})``.
+    Unknown keys, as in configs saved by other tools, are kept as plain attributes.
     """
+
+    # Not ``@strict`` itself: its assignment hook would run transformers' type checks (which raise a
+    # StrictDataclassFieldValidationError, not a ValueError) before ours. The built-in class's checks still run,
+    # after ours, from ``super().__setattr__``.
 
     model_type = "convnextv2"
 
@@ -82,56 +258,64 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
         super().__post_init__(**kwargs)
         self._check_values()
 
+    def __setattr__(self, key: str, value: Any) -> None:
+        name = type(self).attribute_map.get(key, key)  # num_hidden_layers -> num_stages
+        value = check_field(name, value)
+        # While the dataclass __init__ fills the fields one by one their partners may not be set yet; the whole
+        # structure is checked at the end of __post_init__, and on each assignment once the config is built.
+        if name in STRUCTURE_FIELDS and self.__dict__.get("_post_init_done", False):
+            problem = structure_problem(lambda field: value if field == name else getattr(self, field))
+            if problem is not None:
+                raise ValueError(
+                    f"setting {key}={value!r}: {problem}. Change related fields together with "
+                    "config.update({...}), or build a new config"
+                )
+        self._store(name, value)
+
+    def _store(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except StrictDataclassError as error:  # transformers' own type checks of its fields
+            raise ValueError(f"{name}={value!r} is not valid: {error}") from error
+
     @property
     def total_stride(self) -> int:
         """Ratio between the input size and the last stage's resolution (32 for the official layout)."""
-        patch = self.patch_size if isinstance(self.patch_size, int) else self.patch_size[0]
-        return patch * 2 ** (self.num_stages - 1)
+        return _total_stride(self.patch_size, self.num_stages)
 
     def _check_values(self) -> None:
-        for name in ("mask_ratio", "mask_patch_size", "decoder_hidden_size", "decoder_depth", "num_channels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {name}={value!r}")
-        depths, widths = list(self.depths), list(self.hidden_sizes)
-        if len(depths) != len(widths):
-            raise ValueError(
-                f"depths and hidden_sizes must have the same length, got depths={depths} ({len(depths)} stages) "
-                f"and hidden_sizes={widths} ({len(widths)} stages)"
-            )
-        if self.num_stages != len(depths):
-            raise ValueError(
-                f"num_stages={self.num_stages} does not match the {len(depths)} stages given by depths={depths}; "
-                f"pass num_stages={len(depths)}"
-            )
-        for name, values in (("depths", depths), ("hidden_sizes", widths)):
-            if any(v <= 0 for v in values):
-                raise ValueError(f"every entry of {name} must be positive, got {name}={values}")
-        for name in ("num_channels", "patch_size", "decoder_hidden_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {name}={getattr(self, name)}")
-        if self.decoder_depth < 0:
-            raise ValueError(f"decoder_depth must be zero or positive, got decoder_depth={self.decoder_depth}")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got mask_ratio={self.mask_ratio}")
-        if self.mask_patch_size <= 0 or self.mask_patch_size % self.total_stride != 0:
-            raise ValueError(
-                f"mask_patch_size must be a positive multiple of the total stride {self.total_stride} "
-                "(one masked patch covers whole positions of the last stage), "
-                f"got mask_patch_size={self.mask_patch_size}"
-            )
-        if self.fcmae_impl not in FCMAE_IMPLEMENTATIONS:
-            raise ValueError(f"fcmae_impl must be one of {FCMAE_IMPLEMENTATIONS}, got fcmae_impl={self.fcmae_impl!r}")
-        if not isinstance(self.fast_paths, bool):
-            unknown = [name for name in self.fast_paths if name not in FAST_PATH_NAMES]
-            if unknown:
-                raise ValueError(
-                    f"fast_paths must be True, False or a list of names from {FAST_PATH_NAMES}, got unknown {unknown}"
-                )
+        for name in FIELD_RULES:
+            check_field(name, getattr(self, name))
+        problem = structure_problem(lambda field: getattr(self, field))
+        if problem is not None:
+            raise ValueError(problem)
+
+    def update(self, config_dict: dict[str, Any]) -> None:
+        """Set several attributes at once, all checked together first: nothing changes if any value is wrong.
+
+        >>> config = ConvNextV2Config()
+        >>> config.update({"patch_size": 2, "mask_patch_size": 16})  # total stride 16: fine as a pair, not one by one
+        >>> config.total_stride
+        16
+        """
+        names = {key: type(self).attribute_map.get(key, key) for key in config_dict}
+        values = {names[key]: check_field(names[key], value) for key, value in config_dict.items()}
+        if STRUCTURE_FIELDS & values.keys():
+            problem = structure_problem(lambda field: values[field] if field in values else getattr(self, field))
+            if problem is not None:
+                raise ValueError(f"update({config_dict!r}): {problem}")
+        for name, value in values.items():
+            self._store(name, value)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
-        """As transformers' ``from_dict``, but a config of another architecture is an error, not a warning."""
+        """As transformers' ``from_dict``, but overrides are checked with the file's values, and a config of another
+        architecture is an error, not a warning.
+
+        transformers builds the config from the file, then sets each keyword override one by one; here overrides
+        that are fields join the construction, so ``from_pretrained(path, patch_size=2, mask_patch_size=16)``
+        works in either order and a bad value raises ``ValueError`` before any model is built.
+        """
         model_type = config_dict.get("model_type", cls.model_type)
         if model_type != cls.model_type:
             architectures = config_dict.get("architectures") or []
@@ -140,11 +324,24 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
                 f"{', architectures=' + str(architectures) if architectures else ''}); ConvNeXt V2 models need "
                 f"model_type={cls.model_type!r}"
             )
+        field_names = {field.name for field in fields(cls)} | set(cls.attribute_map)
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in field_names}
+        if overrides:
+            config_dict = {**config_dict, **overrides}
         return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def known_kwargs(cls) -> list[str]:
+        """Every keyword argument the constructor uses: public fields, ``attribute_map`` aliases, transformers' own."""
+        names = {field.name for field in fields(cls) if not field.name.startswith("_")}
+        return sorted(names | set(cls.attribute_map) | set(PRETRAINED_CONFIG_KWARGS))
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ConvNextV2Config:
         """Config of one of the eight official sizes (``atto`` ... ``huge``), with any field overridden.
+
+        Unlike the constructor (which keeps unknown keys, as transformers does, so any saved config loads), a
+        misspelt override is a ``ValueError`` naming the closest known argument.
 
         >>> ConvNextV2Config.from_preset("tiny", num_labels=10, drop_path_rate=0.1).hidden_sizes
         [96, 192, 384, 768]
@@ -154,12 +351,26 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
             raise ValueError(
                 f"unknown ConvNeXt V2 preset {name!r}; choose one of {sorted(PRESETS, key=list(PRESETS).index)}"
             )
+        known = cls.known_kwargs()
+        unknown = [argument for argument in overrides if argument not in known]
+        if unknown:
+            hints = []
+            for argument in unknown:
+                match = difflib.get_close_matches(argument, known, n=1, cutoff=0.6)
+                hint = f"did you mean {match[0]!r}?" if match else "no known argument is close"
+                hints.append(f"{argument!r} ({hint})")
+            raise ValueError(
+                f"unknown keyword argument{'s' if len(unknown) > 1 else ''} for ConvNextV2Config.from_preset: "
+                f"{', '.join(hints)}. Known arguments: ConvNextV2Config.known_kwargs()"
+            )
         preset = PRESETS[key]
-        fields = {"depths": list(preset["depths"]), "hidden_sizes": list(preset["hidden_sizes"]), "num_stages": 4}
-        fields.update(overrides)
-        return cls(**fields)
+        values = {"depths": list(preset["depths"]), "hidden_sizes": list(preset["hidden_sizes"]), "num_stages": 4}
+        if "depths" in overrides and "num_stages" not in overrides and "num_hidden_layers" not in overrides:
+            values["num_stages"] = len(overrides["depths"])  # a preset with other stages: count them from depths
+        values.update(overrides)
+        return cls(**values)
 
 
 ConvNextV2Config.register_for_auto_class()
 
-__all__ = ["FAST_PATH_NAMES", "ConvNextV2Config", "PRESETS"]
+__all__ = ["FAST_PATH_NAMES", "FCMAE_IMPLEMENTATIONS", "PRESETS", "ConvNextV2Config"]
