@@ -26,3 +26,13 @@ lint: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) outputs
+
+# transformers' own ConvNeXt V2 model tests (with the common mixins of its sdist) on our classes and on the built-in
+# ones, see tests/transformers_suite/run_transformers_suite.py. Downloads the transformers sdist and, unless
+# TRANSFORMERS_TEST_FILE names a local copy, tests/models/convnextv2/test_modeling_convnextv2.py at the version's tag.
+TRANSFORMERS_TEST_FILE ?=
+.PHONY: transformers-suite
+transformers-suite: $(BIN)/.installed
+	$(BIN)/pip install --quiet "parameterized>=0.9"
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/transformers_suite/run_transformers_suite.py \
+		$(if $(TRANSFORMERS_TEST_FILE),--test-file $(TRANSFORMERS_TEST_FILE))
