@@ -39,7 +39,7 @@ from convnextv2_hf import (  # noqa: E402
     ConvNextV2ForImageClassification,
     ConvNextV2ForMaskedImageModeling,
 )
-from convnextv2_hf import modeling_convnextv2 as modeling  # noqa: E402
+from convnextv2_hf.configuration_convnextv2 import FAST_PATH_NAMES  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -281,98 +281,64 @@ def vitmae_case(bench: Bench, mode: str, compiled: bool, pixels: torch.Tensor):
     return (f"fcmae vitmae-{args.vitmae} {mode}", pixels.shape[0], step, None)
 
 
-# Each way in to eager speed, taken out of our model one at a time (the GRN forms as the built-in classes write
-# them). Patched on the classes for the duration of a step, so the variants share one model and its weights.
-def _grn_then_linear(self, hidden_states, linear, visible=None, norm=None):
-    return linear(self(hidden_states, visible, norm))
+# The fast paths, taken out of our model one at a time through the config switch (`config.fast_paths`): every path
+# on, every path but one, none. The variants share one model and its weights; each step sets the switch it needs.
+CLASSIFIER_FAST_PATHS = [name for name in FAST_PATH_NAMES if name != "sparse_depthwise_conv"]  # FCMAE only
 
 
-def _act_out_of_place(self, features):
-    return self.act(features)
-
-
-def _autograd_through_the_modules(self, features):
-    return False
-
-
-def _torch_norm(positions):
-    return torch.linalg.vector_norm(positions, ord=2, dim=1, dtype=torch.float32)
-
-
-def _grn_multi_pass(self, hidden_states, visible=None, norm=None):
-    global_norm = torch.linalg.vector_norm(hidden_states, ord=2, dim=(1, 2), keepdim=True)
-    relative_norm = global_norm / (global_norm.mean(dim=-1, keepdim=True) + modeling.GRN_EPS)
-    return self.weight * (hidden_states * relative_norm) + self.bias + hidden_states
-
-
-ABLATIONS = {
-    "GRN not folded": {(modeling.ConvNextV2GRN, "into_linear"): _grn_then_linear},
-    "GELU not in place": {(modeling.ConvNextV2Layer, "activation"): _act_out_of_place},
-    "torch norm in GRN": {(modeling, "_l2_norm_over_positions"): _torch_norm},
-    "GELU, GRN, pwconv2 not one function": {
-        (modeling.ConvNextV2Layer, "recompute_in_backward"): _autograd_through_the_modules
-    },
-}
-ABLATIONS["none of them, multi-pass GRN"] = {
-    key: value for ablation in ABLATIONS.values() for key, value in ablation.items()
-} | {(modeling.ConvNextV2GRN, "forward"): _grn_multi_pass}
-
-
-@contextmanager
-def patched(replacements: dict):
-    originals = {key: getattr(*key) for key in replacements}
-    try:
-        for (owner, name), replacement in replacements.items():
-            setattr(owner, name, replacement)
-        yield
-    finally:
-        for (owner, name), original in originals.items():
-            setattr(owner, name, original)
+def ablation_variants() -> dict[str, bool | list[str]]:
+    variants: dict[str, bool | list[str]] = {"ours": list(CLASSIFIER_FAST_PATHS)}
+    for name in CLASSIFIER_FAST_PATHS:
+        variants[f"ours, without {name}"] = [other for other in CLASSIFIER_FAST_PATHS if other != name]
+    variants["ours, no fast path"] = False
+    return variants
 
 
 def run_ablation(bench: Bench) -> None:
-    """Eager inference and training step of our classifier with each way in removed, and in channels_last."""
+    """Eager inference and training step of our classifier with each fast path switched off, and in channels_last."""
     args = bench.args
-    print(f"ablation: our ConvNeXt V2-{args.model} without each way in (inference batch {args.batch}, "
+    print(f"ablation: our ConvNeXt V2-{args.model} without each fast path (inference batch {args.batch}, "
           f"training batch {args.train_batch})")  # fmt: skip
     ours, reference = classifier_pair(args.model, bench.device)
     pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, device=bench.device)
-    variants = {"ours": {}} | {f"ours, {name}": replacements for name, replacements in ABLATIONS.items()}
+    variants = ablation_variants()
     with torch.inference_mode():
+        ours.config.fast_paths = False
         expected = ours.eval()(pixels).logits.float()
-        for name, replacements in variants.items():
-            with patched(replacements):
-                error = (ours(pixels).logits.float() - expected).abs().max().item()
+        for name, setting in variants.items():
+            ours.config.fast_paths = setting
+            error = (ours(pixels).logits.float() - expected).abs().max().item()
             if not error <= 1e-4 * max(expected.abs().max().item(), 1.0):
-                raise RuntimeError(f"ablation {name!r} changes the logits by {error:.2e}: the patch is wrong")
+                raise RuntimeError(f"ablation {name!r} changes the logits by {error:.2e}: a fast path is wrong")
     cases = []
 
-    def infer_step(model, inputs, replacements):
+    def infer_step(model, inputs, setting):
         def step():
-            with patched(replacements), torch.inference_mode(), bench.autocast():
+            model.config.fast_paths = setting
+            with torch.inference_mode(), bench.autocast():
                 model(inputs)
 
         return step
 
-    cases.append(("ablate infer builtin", args.batch, infer_step(reference.eval(), pixels, {}), None))
-    for name, replacements in variants.items():
-        step = infer_step(ours.eval(), pixels, replacements)
+    cases.append(("ablate infer builtin", args.batch, infer_step(reference.eval(), pixels, True), None))
+    for name, setting in variants.items():
+        step = infer_step(ours.eval(), pixels, setting)
         anchor = "ablate infer builtin" if name == "ours" else "ablate infer ours"
         cases.append((f"ablate infer {name}", args.batch, step, anchor))
     channels_last = copy.deepcopy(ours).to(memory_format=torch.channels_last)
-    step = infer_step(channels_last, pixels.contiguous(memory_format=torch.channels_last), {})
+    step = infer_step(channels_last, pixels.contiguous(memory_format=torch.channels_last), variants["ours"])
     cases.append(("ablate infer ours, channels_last", args.batch, step, "ablate infer ours"))
     bench.measure(cases)
 
     pixels = torch.randn(args.train_batch, 3, args.image_size, args.image_size, device=bench.device)
     labels = torch.randint(0, 1000, (args.train_batch,), device=bench.device)
     cases = []
-    for name, replacements in variants.items():
-        model = copy.deepcopy(ours).train()  # one optimizer per variant
+    for name, setting in variants.items():
+        model = copy.deepcopy(ours).train()  # one optimizer (and one config) per variant
+        model.config.fast_paths = setting
 
-        def loss(model, replacements=replacements):
-            with patched(replacements):
-                return model(pixel_values=pixels, labels=labels).loss
+        def loss(model):
+            return model(pixel_values=pixels, labels=labels).loss
 
         anchor = None if name == "ours" else "ablate train ours"
         cases.append((f"ablate train {name}", args.train_batch, training_step(model, loss, bench), anchor))

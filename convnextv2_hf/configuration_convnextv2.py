@@ -1,3 +1,4 @@
+# Copyright 2026 The convnextv2-hf authors. Licensed under the MIT License.
 """ConvNeXt V2 configuration with the FCMAE (masked image modeling) fields.
 
 This file travels to the Hub as remote code: it imports only ``transformers``, ``huggingface_hub`` and the standard

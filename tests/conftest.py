@@ -29,3 +29,27 @@ def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> tor
 @pytest.fixture
 def config() -> ConvNextV2Config:
     return tiny_config()
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default=os.environ.get("CONVNEXTV2_TEST_DEVICE", "cpu"),
+        help="device for the tests marked `device` (the fast paths, parity, precision): cpu (default) or cuda[:N]",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: runs on the device given by --device (cpu by default)")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device of `--device` / CONVNEXTV2_TEST_DEVICE. On CUDA, TF32 is off so fp32 parity holds to 1e-5."""
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.exit(f"--device {device} asked for, but torch sees no CUDA device", returncode=4)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device

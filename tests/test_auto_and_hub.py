@@ -63,7 +63,13 @@ def test_auto_classes_build_our_classes_from_stock_and_our_configs():
 def test_saved_checkpoints_are_safetensors_with_remote_code_files(tmp_path):
     randomize_(ConvNextV2ForMaskedImageModeling(tiny_config())).save_pretrained(tmp_path)
     files = sorted(os.listdir(tmp_path))
-    assert files == ["config.json", "configuration_convnextv2.py", "model.safetensors", "modeling_convnextv2.py"]
+    assert files == [
+        "config.json",
+        "configuration_convnextv2.py",
+        "fast_paths_convnextv2.py",
+        "model.safetensors",
+        "modeling_convnextv2.py",
+    ]
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForMaskedImageModeling"] == "modeling_convnextv2.ConvNextV2ForMaskedImageModeling"
     assert set(auto_map) == {
@@ -153,7 +159,11 @@ def test_remote_code_loads_our_classes_where_the_package_is_absent(tmp_path):
         clf = AutoModelForImageClassification.from_pretrained("fcmae", trust_remote_code=True, num_labels=4)
         with torch.no_grad():
             out = model(inputs["pixels"], noise=inputs["noise"])
+        import sys
+        fast = [m for name, m in sys.modules.items() if name.endswith(".fast_paths_convnextv2")]
         print(json.dumps({
+            "fast_paths_module": [m.__name__ for m in fast],
+            "fast_path_allowed": fast[0].fast_path_allowed("grn_fold", True, inputs["pixels"]) if fast else None,
             "refused_without_trust": refused,
             "mim_class": type(model).__module__ + "." + type(model).__name__,
             "clf_class": type(clf).__module__ + "." + type(clf).__name__,
@@ -165,6 +175,9 @@ def test_remote_code_loads_our_classes_where_the_package_is_absent(tmp_path):
         tmp_path,
     )
     assert got["refused_without_trust"]
+    # the fast paths travel with the modeling file and run there
+    assert len(got["fast_paths_module"]) == 1 and got["fast_paths_module"][0].startswith("transformers_modules.")
+    assert got["fast_path_allowed"] is True
     assert got["mim_class"].startswith("transformers_modules.") and got["mim_class"].endswith(
         "modeling_convnextv2.ConvNextV2ForMaskedImageModeling"
     )

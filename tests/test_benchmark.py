@@ -26,7 +26,9 @@ def test_benchmark_runs_every_group_and_writes_ratios(tmp_path):
         "fcmae dense eager", "fcmae sparse eager",
     }  # fmt: skip
     # the ablation checks that each variant computes the same logits before it times them
-    expected |= {"ablate infer ours", "ablate infer ours, GRN not folded", "ablate train ours, GELU not in place"}
+    # through the config switch: every classifier fast path off in turn, then all of them
+    expected |= {"ablate infer ours", "ablate infer ours, without grn_fold", "ablate train ours, without inplace_gelu"}
+    expected |= {"ablate infer ours, no fast path", "ablate train ours, without fused_gelu_grn_linear"}
     expected |= {"fcmae vitmae-base eager"}
     assert expected <= set(rows)
     assert all(row["img_per_s"] > 0 for row in rows.values())

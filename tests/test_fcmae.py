@@ -68,7 +68,7 @@ def test_bool_masked_pos_is_used_as_given():
         ({}, (96, 160)),  # non-square
         ({"mask_patch_size": 64, "mask_ratio": 0.5}, (128, 192)),  # patches of 2x2 last-stage positions
         ({"num_channels": 1, "decoder_depth": 2}, (64, 96)),
-        ({"norm_pix_loss": False, "mask_ratio": 0.0}, (64, 64)),
+        ({"norm_pix_loss": False, "mask_ratio": 0.25}, (64, 64)),
     ],
 )
 def test_sparse_and_dense_paths_agree(overrides, image_size):
@@ -257,7 +257,16 @@ def test_encoder_checkpoint_loads_into_fcmae_with_a_new_decoder(tmp_path):
             lambda m: m(torch.randn(2, 3, 64, 64), bool_masked_pos=torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])),
             "same number of removed patches in every sample.*fcmae_impl='dense'",
         ),
-        (lambda m: m(torch.randn(2, 3, 64, 80)), "multiples of 32, got 64x80"),
+        (lambda m: m(torch.randn(2, 3, 64, 80)), "multiples of mask_patch_size=32, got 64x80"),
+        (
+            lambda m: m(torch.randn(2, 3, 64, 64), bool_masked_pos=torch.tensor([[1.0, 0.5, 0, 0], [1, 0, 0, 0]])),
+            "bool or hold only 0 and 1",
+        ),
+        (
+            lambda m: m(torch.randn(1, 3, 64, 64), bool_masked_pos=torch.ones(1, 4, dtype=torch.bool)),
+            "removes every patch of a sample",
+        ),
+        (lambda m: m(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)), "must be a floating-point tensor"),
         (lambda m: m(torch.randn(2, 1, 64, 64)), "has 1 channels but the model expects num_channels=3"),
         (lambda m: m(torch.randn(2, 3, 32, 32)), r"mask_ratio=0.6 keeps no patch of the 1"),
     ],
@@ -270,7 +279,7 @@ def test_bad_input_raises_value_error(call, message):
 
 def test_image_size_must_be_a_multiple_of_the_mask_patch_size():
     model = ConvNextV2ForMaskedImageModeling(tiny_config(mask_patch_size=64))
-    with pytest.raises(ValueError, match="multiples of 64, got 96x128"):
+    with pytest.raises(ValueError, match="multiples of mask_patch_size=64, got 96x128"):
         model(torch.randn(1, 3, 96, 128))
 
 

@@ -14,12 +14,7 @@ from convnextv2_hf import (
     ConvNextV2ForImageClassification,
     ConvNextV2Model,
 )
-from convnextv2_hf.modeling_convnextv2 import (
-    ConvNextV2GRN,
-    ConvNextV2Layer,
-    _GeluGrnLinear,
-    _l2_norm_over_positions,
-)
+from convnextv2_hf.modeling_convnextv2 import ConvNextV2GRN, ConvNextV2Layer
 
 BUILTIN_TOLERANCE = 1e-5
 TIMM_TOLERANCE = 1e-4
@@ -276,8 +271,8 @@ def test_soft_labels_use_soft_cross_entropy(config):
     ("shape", "message"),
     [
         ((1, 4, 64, 64), "has 4 channels but the model expects num_channels=3"),
-        ((1, 3, 64, 80), "multiples of 32, got 64x80"),
-        ((1, 3, 48, 64), "multiples of 32, got 48x64"),
+        ((1, 3, 31, 64), "at least 32 .*got 31x64"),
+        ((1, 3, 64, 16), "at least 32 .*got 64x16"),
         ((3, 64, 64), "must be a 4-D tensor"),
     ],
 )
@@ -315,76 +310,6 @@ def test_half_precision_grn_does_not_overflow():
         assert max_diff(got, expected) / expected.abs().max().item() < 1e-2, dtype
 
 
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize(
-    ("shape", "out_features"),
-    [((3, 6, 6, 16), 4), ((3, 2, 2, 16), 4), ((2, 10, 16), 4)],
-    ids=["folded-map", "unfolded-few-positions", "folded-gathered"],
-)
-def test_grn_into_linear_equals_grn_then_linear_with_gradients(shape, out_features, masked):
-    # the fold (positions > out_features) and the plain order must both be the same function of x as GRN then
-    # the linear, forward and backward
-    torch.manual_seed(0)
-    grn, linear = randomize_(ConvNextV2GRN(shape[-1]), scale=0.5), torch.nn.Linear(shape[-1], out_features)
-    visible = (torch.rand(*shape[:-1], 1) > 0.4).float() if masked else None
-    features = torch.randn(shape, requires_grad=True)
-    expected = linear(grn(features, visible))
-    (expected_grads) = torch.autograd.grad(expected.square().sum(), [features, grn.weight, grn.bias, linear.weight])
-    got = grn.into_linear(features, linear, visible)
-    grads = torch.autograd.grad(got.square().sum(), [features, grn.weight, grn.bias, linear.weight])
-    assert got.shape == expected.shape
-    assert max_diff(got, expected) <= 1e-5
-    for got_grad, expected_grad in zip(grads, expected_grads, strict=True):
-        assert max_diff(got_grad, expected_grad) <= 1e-4 * max(1.0, expected_grad.abs().max().item())
-
-
-@pytest.mark.parametrize("fold", [False, True], ids=["grn", "grn-into-linear"])
-def test_grn_gradients_are_finite_with_an_all_zero_channel(fold):
-    # a channel that is zero at every position of a sample (dead unit, fp16 GELU outputs flushed to zero): the
-    # norm's gradient there is 0 by torch's definition; a plain sqrt's is inf, and inf * 0 made every gradient NaN
-    torch.manual_seed(0)
-    grn, linear = randomize_(ConvNextV2GRN(8), scale=0.5), torch.nn.Linear(8, 4)
-    features = torch.randn(2, 6, 6, 8)
-    features[0, ..., 3] = 0.0
-    features.requires_grad_(True)
-    reference = builtin.modeling_convnextv2.ConvNextV2GRN(8)
-    reference.load_state_dict(grn.state_dict())
-    expected_grads = torch.autograd.grad(linear(reference(features)).square().sum(), [features, reference.weight])
-    got = grn.into_linear(features, linear) if fold else linear(grn(features))
-    grads = torch.autograd.grad(got.square().sum(), [features, grn.weight])
-    for got_grad, expected_grad in zip(grads, expected_grads, strict=True):
-        assert torch.isfinite(got_grad).all()
-        assert max_diff(got_grad, expected_grad) <= 1e-4 * expected_grad.abs().max().item()
-
-
-@pytest.mark.parametrize("frozen", [(), ("linear.weight",), ("grn.weight", "grn.bias", "linear.bias")])
-@pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize(
-    ("shape", "out_features"),
-    [((3, 6, 6, 16), 4), ((3, 2, 2, 16), 4), ((2, 10, 16), 4)],
-    ids=["folded", "plain", "rows"],
-)
-def test_gelu_grn_linear_function_equals_autograd_through_the_modules_in_fp64(shape, out_features, masked, frozen):
-    # the training function keeps only h and writes GRN's backward out by hand: fp64 makes any slip visible
-    torch.manual_seed(0)
-    modules = torch.nn.ModuleDict(
-        {"grn": randomize_(ConvNextV2GRN(shape[-1]), scale=0.5), "linear": torch.nn.Linear(shape[-1], out_features)}
-    ).double()
-    for name in frozen:
-        modules.get_parameter(name).requires_grad_(False)
-    grn, linear = modules["grn"], modules["linear"]
-    visible = (torch.rand(*shape[:-1], 1) > 0.4).double() if masked else None
-    h = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    inputs = [h] + [parameter for parameter in modules.parameters() if parameter.requires_grad]
-    expected = linear(grn(torch.nn.functional.gelu(h), visible))
-    expected_grads = torch.autograd.grad(expected.square().sum(), inputs)
-    got = _GeluGrnLinear.apply(h, grn.weight, grn.bias, linear.weight, linear.bias, grn, linear, visible)
-    grads = torch.autograd.grad(got.square().sum(), inputs)
-    assert max_diff(got, expected) <= 1e-12
-    for got_grad, expected_grad in zip(grads, expected_grads, strict=True):
-        assert max_diff(got_grad, expected_grad) <= 1e-12 * max(1.0, expected_grad.abs().max().item())
-
-
 def test_training_gradients_match_the_builtin_model(config):
     # the whole block in training mode (GELU, GRN and pwconv2 as one function) against transformers' autograd
     ours = randomize_(ConvNextV2ForImageClassification(config)).train()
@@ -412,17 +337,6 @@ def test_torch_func_grad_gives_the_autograd_gradients(config):
     grads = torch.func.grad(loss)(parameters)
     for name, parameter in model.named_parameters():
         assert max_diff(grads[name], parameter.grad) <= 1e-5 * max(1.0, parameter.grad.abs().max().item()), name
-
-
-def test_l2_norm_over_positions_in_chunks_equals_the_norm():
-    # 2M values per sample: on CPU, eager mode squares 2 samples at a time, so 5 samples take 3 chunks
-    positions = torch.randn(5, 2048, 1024)
-    expected = torch.linalg.vector_norm(positions.double(), dim=1)
-    got = _l2_norm_over_positions(positions)
-    assert got.dtype == torch.float32 and got.shape == (5, 1024)
-    assert ((got.double() - expected).abs() / expected).max().item() < 1e-6
-    half = _l2_norm_over_positions(torch.full((3, 64, 8), 1.0e4, dtype=torch.float16))  # 8e4 overflows fp16
-    assert half.dtype == torch.float32 and torch.allclose(half, torch.full((3, 8), 8.0e4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

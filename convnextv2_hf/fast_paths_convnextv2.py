@@ -1,0 +1,316 @@
+"""The fast paths of ConvNeXt V2: the same numbers as the reference math in ``modeling_convnextv2.py``, faster or in
+less memory. Nothing here changes what a model computes; tests pin each path to the reference.
+
+One predicate, ``fast_path_allowed``, says whether a named path may run; ``config.fast_paths`` turns them all off
+(``False``), picks the device's defaults (``True``, see ``DEVICE_DEFAULTS``) or names exactly the ones to use. The
+paths, by name (``FAST_PATH_NAMES`` in the configuration):
+
+- ``grn_fold``: at inference, GRN's per-sample scale and shift are folded into the next linear's weight and bias,
+  so GRN's output, the widest activation of the network, is never written.
+- ``inplace_gelu``: at inference, GELU overwrites its input (one full-size allocation less).
+- ``square_sum_norm``: GRN's L2 norm over positions as a square-and-sum, in chunks at inference (CPU).
+- ``fused_gelu_grn_linear``: in training, GELU, GRN and pwconv2 as one autograd function that keeps only
+  pwconv1's output for the backward (GELU's and GRN's outputs are recomputed there).
+- ``sparse_depthwise_conv``: in sparse FCMAE training, the depthwise conv keeps the gathered visible input for its
+  backward instead of the zero-filled full-resolution map.
+
+This file travels to the Hub as remote code beside the modeling file: it imports only torch, transformers and its
+sibling configuration file.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+from transformers.activations import GELUActivation
+
+from .configuration_convnextv2 import FAST_PATH_NAMES
+
+if TYPE_CHECKING:  # the modeling file imports this one; no import cycle at run time
+    from .modeling_convnextv2 import ConvNextV2GRN, ConvNextV2Layer
+
+GRN_EPS = 1e-6
+
+# Which paths ``fast_paths=True`` runs, per device type. Each choice is the measured one for that device:
+# - cpu: all of them (BENCHMARKS.md, ablation on this project's 2-core EPYC: eager inference 1.6x with all, each
+#   path worth 9-13%; the fused training function saves 37% of a training step's memory at no cost in speed).
+# - cuda and anything else: none until measured on that device. The GRN fold turns one GEMM into a batched matmul
+#   with per-sample weights, which a GPU may run slower than a plain GEMM in bf16; the square-sum norm only beats
+#   torch's reduction on CPU; in-place GELU saves allocations that a caching allocator makes cheap anyway.
+#   `make gpu-check` runs the ablation on a GPU; set the set here from its table.
+DEVICE_DEFAULTS: dict[str, frozenset[str]] = {
+    "cpu": frozenset(FAST_PATH_NAMES),
+    "cuda": frozenset(),
+}
+
+
+def fast_path_allowed(name: str, setting: bool | list[str], tensor: torch.Tensor, *layers: nn.Module) -> bool:
+    """Whether the fast path ``name`` may run on ``tensor`` with ``layers``.
+
+    ``setting`` is ``config.fast_paths``. A path never runs while tracing (``torch.jit.trace``), exporting
+    (``torch.export``, ONNX), compiling (Inductor plans its own kernels), or under torch.func transforms (``grad``,
+    ``vmap``: they need autograd functions written for them); nor on a layer that is not a bare ``nn.Linear`` /
+    ``nn.Conv2d``: a subclass (a PEFT LoRA layer, a quantized or parametrized layer) or a layer with hooks must be
+    called as a module, as a path that works on its weight would bypass it. Other layers (GRN, the activation) must
+    have no hooks, as a fused path never calls them.
+    """
+    if name not in FAST_PATH_NAMES:
+        raise ValueError(f"unknown fast path {name!r}; known: {FAST_PATH_NAMES}")
+    if setting is False:
+        return False
+    enabled = DEVICE_DEFAULTS.get(tensor.device.type, frozenset()) if setting is True else setting
+    if name not in enabled:
+        return False
+    if (
+        torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        return False
+    return all(is_bare(layer) for layer in layers)
+
+
+def is_bare(layer: nn.Module) -> bool:
+    """A layer that nothing wraps or observes: exactly an ``nn.Linear``, ``nn.Conv2d``, GRN or transformers' GELU (not
+    a subclass, not a PEFT/quantized/parametrized replacement), with no hooks."""
+    if type(layer) not in (nn.Linear, nn.Conv2d, GELUActivation) and type(layer).__name__ != "ConvNextV2GRN":
+        return False
+    return (
+        not layer._forward_hooks
+        and not layer._forward_pre_hooks
+        and not nn.modules.module._global_forward_hooks
+        and not nn.modules.module._global_forward_pre_hooks
+        and not getattr(layer, "parametrizations", None)
+    )
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half precision and fp32, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# square_sum_norm
+# ----------------------------------------------------------------------------------------------------------
+
+
+def square_sum_norm(positions: torch.Tensor) -> torch.Tensor:
+    """(N, P, C) -> (N, C): the L2 norm over positions, as ``torch.linalg.vector_norm(positions, dim=1)``.
+
+    On CPU in eager mode torch's norm over a non-innermost axis is several times slower than squaring and summing.
+    At inference it squares a few samples at a time so the temporary stays small (a fresh allocation above glibc's
+    32 MB mmap threshold costs a page fault per 4 KB); under autograd in one piece, as the backward of chunks would
+    copy the whole gradient to join them.
+    """
+    accumulate = accumulation_dtype(positions.dtype)
+    samples_per_chunk = max(1, (1 << 22) // max(positions[0].numel(), 1)) if positions.shape[0] else 1
+    if positions.requires_grad or positions.shape[0] <= samples_per_chunk:
+        return _sqrt_zero_gradient_at_zero(positions.to(accumulate).square().sum(dim=1))
+    chunks = positions.split(samples_per_chunk)
+    return torch.cat([chunk.to(accumulate).square().sum(dim=1) for chunk in chunks]).sqrt()
+
+
+def _sqrt_zero_gradient_at_zero(sum_of_squares: torch.Tensor) -> torch.Tensor:
+    """sqrt whose gradient is 0 where its input is 0, as torch's norm defines it. Plain sqrt's gradient there is inf,
+    and inf times the square's gradient at 0 is NaN: one channel that is zero at every position of a sample (a dead
+    unit, or fp16 GELU outputs that flush to zero) would turn every gradient NaN. (N, C): cheap."""
+    if not sum_of_squares.requires_grad:
+        return sum_of_squares.sqrt()
+    positive = sum_of_squares > 0
+    return torch.where(positive, torch.where(positive, sum_of_squares, 1.0).sqrt(), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GELU -> GRN -> pwconv2: in-place GELU, the GRN fold, the fused training function
+# ----------------------------------------------------------------------------------------------------------
+
+
+def gelu_grn_linear(
+    layer: ConvNextV2Layer, features: torch.Tensor, visible: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``layer.pwconv2(layer.grn(layer.act(features), visible))`` by whichever fast paths may run here, or ``None``
+    when none may (the caller then runs the reference)."""
+    setting = layer.fast_paths
+    exact_gelu = layer.hidden_act == "gelu"
+    grn, linear = layer.grn, layer.pwconv2
+    fold = fast_path_allowed("grn_fold", setting, features, grn, linear) and folds(features, linear)
+    square_sum = fast_path_allowed("square_sum_norm", setting, features, grn)
+    if features.requires_grad:
+        if exact_gelu and fast_path_allowed("fused_gelu_grn_linear", setting, features, layer.act, grn, linear):
+            return GeluGrnLinear.apply(
+                features, grn.weight, grn.bias, linear.weight, linear.bias, grn, linear, visible, fold, square_sum
+            )
+        inplace = False
+    else:
+        inplace = exact_gelu and fast_path_allowed("inplace_gelu", setting, features, layer.pwconv1, layer.act)
+    if not (fold or square_sum or inplace):
+        return None
+    # in place only where no autograd graph needs GELU's input, and pwconv1 has no hook that may have kept it
+    activated = torch.ops.aten.gelu_(features) if inplace else layer.act(features)
+    norm = grn_norm(activated, visible, square_sum)
+    if fold:
+        return grn_into_linear(layer.grn, activated, layer.pwconv2, visible, norm)
+    return layer.pwconv2(layer.grn(activated, visible, norm=norm))
+
+
+def grn_norm(hidden_states: torch.Tensor, visible: torch.Tensor | None, square_sum: bool) -> torch.Tensor:
+    """GRN's per-sample channel norm (N, C), as ``ConvNextV2GRN.norm``, by the square-sum path where allowed."""
+    statistics_input = hidden_states if visible is None else hidden_states * visible
+    positions = statistics_input.flatten(1, -2)  # (N, positions, C)
+    if square_sum:
+        return square_sum_norm(positions)
+    return torch.linalg.vector_norm(positions, ord=2, dim=1, dtype=accumulation_dtype(positions.dtype))
+
+
+def folds(hidden_states: torch.Tensor, linear: nn.Linear) -> bool:
+    """Whether folding GRN into ``linear`` saves work: where a sample has more positions than the linear has outputs
+    (the early, wide stages). Later stages, whose per-sample weights would outweigh the activation, apply GRN."""
+    batch, channels = hidden_states.shape[0], hidden_states.shape[-1]
+    positions = hidden_states.numel() // max(batch * channels, 1)
+    return positions > linear.out_features
+
+
+def grn_into_linear(
+    grn: ConvNextV2GRN, hidden_states: torch.Tensor, linear: nn.Linear, visible: torch.Tensor | None, norm: torch.Tensor
+) -> torch.Tensor:
+    """``linear(grn(hidden_states, visible))`` without writing GRN's output: GRN(x) = x * s_n + beta, so
+    (x * s_n + beta) W^T + b = x (W * s_n)^T + (W beta + b), one batched matmul with a per-sample weight (N, out, in).
+    """
+    batch, channels = hidden_states.shape[0], hidden_states.shape[-1]
+    positions = hidden_states.numel() // max(batch * channels, 1)
+    scale = grn.scale(norm)
+    weight = linear.weight.unsqueeze(0) * scale.unsqueeze(1)
+    bias = torch.addmv(linear.bias, linear.weight, grn.bias.reshape(-1))
+    dtype = hidden_states.dtype  # the scaled weight is fp32 (the scale is); autocast would cast it anyway
+    output = torch.baddbmm(
+        bias.to(dtype), hidden_states.reshape(batch, positions, channels), weight.transpose(1, 2).to(dtype)
+    )
+    return output.view(*hidden_states.shape[:-1], linear.out_features)
+
+
+class GeluGrnLinear(torch.autograd.Function):
+    """``linear(grn(gelu(h), visible))`` for training that keeps only ``h`` (and GRN's (N, C) norms) for the
+    backward. Autograd through the modules would keep GELU's output too, and GRN's where it is not folded: both are
+    recomputed in the backward instead (elementwise, cheap), and GRN's backward is written out in a few passes.
+    Same numbers as autograd through the modules (tested in fp64)."""
+
+    @staticmethod
+    def forward(ctx, h, gamma, beta, weight, bias, grn, linear, visible, fold: bool, square_sum: bool):
+        activated = F.gelu(h)
+        norm = grn_norm(activated, visible, square_sum)
+        ctx.save_for_backward(h, norm, gamma, beta, weight, visible)
+        if fold:
+            return grn_into_linear(grn, activated, linear, visible, norm)
+        return linear(grn(activated, visible, norm=norm))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        h, norm, gamma, beta, weight, visible = ctx.saved_tensors
+        needs_h, needs_gamma, needs_beta, needs_weight, needs_bias = ctx.needs_input_grad[:5]
+        no_grad_for_the_rest = (None,) * 5
+        dtype, channels = h.dtype, h.shape[-1]
+        accumulate = accumulation_dtype(dtype)
+        per_channel = (h.shape[0],) + (1,) * (h.ndim - 2) + (channels,)  # (N, C) broadcast over positions
+        activated = F.gelu(h)
+        mean = norm.mean(dim=-1, keepdim=True) + GRN_EPS
+        relative = norm / mean
+        scale = gamma.reshape(-1) * relative + 1.0
+        scale_as_input = scale.to(dtype).reshape(per_channel)
+        grad_flat = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_weight = grad_bias = None
+        if needs_weight:
+            grn_output = torch.addcmul(beta.reshape(-1).to(dtype), activated, scale_as_input)
+            grad_weight = (grad_flat.t() @ grn_output.reshape(-1, channels).to(grad_flat.dtype)).to(weight.dtype)
+            del grn_output
+        if needs_bias:
+            grad_bias = grad_flat.sum(dim=0, dtype=accumulate).to(weight.dtype)
+        if not (needs_h or needs_gamma or needs_beta):
+            return (None, None, None, grad_weight, grad_bias) + no_grad_for_the_rest
+        grad_grn_output = (grad_flat @ weight.to(grad_flat.dtype)).view(h.shape).to(dtype)
+        flat_positions = (h.shape[0], -1, channels)
+        grad_beta = grad_grn_output.reshape(-1, channels).sum(dim=0, dtype=accumulate).reshape(beta.shape)
+        # d loss / d scale: (N, C)
+        grad_scale = (grad_grn_output * activated).reshape(flat_positions).sum(dim=1, dtype=accumulate)
+        grad_gamma = (grad_scale * relative).sum(dim=0).reshape(gamma.shape)
+        # relative = norm / (mean over channels of norm + eps)
+        grad_relative = grad_scale * gamma.reshape(-1)
+        grad_norm = grad_relative / mean - (grad_relative * norm).sum(-1, keepdim=True) / (mean * mean * channels)
+        # d norm / d x = x / norm at visible positions; 0 where the norm is 0 (as torch's norm defines it)
+        grad_over_norm = torch.where(norm > 0, grad_norm / torch.where(norm > 0, norm, 1.0), 0.0)
+        statistics_input = activated if visible is None else activated * visible
+        grad_activated = torch.addcmul(
+            grad_grn_output * scale_as_input, statistics_input, grad_over_norm.to(dtype).reshape(per_channel)
+        )
+        grad_h = torch.ops.aten.gelu_backward(grad_activated, h)
+        grads = (grad_h, grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype), grad_weight, grad_bias)
+        return grads + no_grad_for_the_rest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sparse_depthwise_conv
+# ----------------------------------------------------------------------------------------------------------
+
+
+class SparseDepthwiseConv(torch.autograd.Function):
+    """``mask.gather(conv(mask.to_dense(x)))`` for training, keeping the gathered input (N, V, C) for the backward
+    instead of the zero-filled full-resolution map that autograd through conv would keep, and taking the bias
+    gradient from the visible outputs (the conv backward computes it from the full map, slowly on CPU). The bias is
+    added after the gather: the same numbers. ``mask`` is the stage's sparse FCMAE mask (``gather``/``to_dense``)."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, weight, bias, mask, conv: nn.Conv2d):
+        ctx.mask, ctx.conv = mask, conv
+        output = F.conv2d(
+            mask.to_dense(hidden_states), weight, None, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
+        ctx.compute_dtype = output.dtype  # autocast's choice, replayed in the backward
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(hidden_states, weight)
+        visible = mask.gather(output.permute(0, 2, 3, 1))
+        return visible if bias is None else visible + bias.to(visible.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        hidden_states, weight = ctx.saved_tensors
+        mask, conv, dtype = ctx.mask, ctx.conv, ctx.compute_dtype
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_input, grad_weight = torch.ops.aten.convolution_backward(
+            mask.to_dense(grad.to(dtype)),
+            mask.to_dense(hidden_states.to(dtype)),
+            weight.to(dtype),
+            None,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            False,
+            [0, 0],
+            conv.groups,
+            [needs_input, needs_weight, False],
+        )[:2]
+        if grad_input is not None:
+            grad_input = mask.gather(grad_input.permute(0, 2, 3, 1)).to(hidden_states.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        grad_bias = None
+        if needs_bias:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(dim=0, dtype=accumulation_dtype(grad.dtype))
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad_input, grad_weight, grad_bias, None, None
+
+
+def sparse_depthwise_conv(mask, conv: nn.Conv2d, hidden_states: torch.Tensor, setting) -> torch.Tensor | None:
+    """The sparse stage's depthwise conv by ``SparseDepthwiseConv`` where it may run (training), else ``None``."""
+    if hidden_states.requires_grad and fast_path_allowed("sparse_depthwise_conv", setting, hidden_states, conv):
+        return SparseDepthwiseConv.apply(hidden_states, conv.weight, conv.bias, mask, conv)
+    return None
+
+
+__all__ = ["DEVICE_DEFAULTS", "fast_path_allowed", "gelu_grn_linear", "sparse_depthwise_conv", "square_sum_norm"]

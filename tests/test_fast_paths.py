@@ -1,0 +1,280 @@
+"""Every fast path pinned to the reference math, and the one predicate that decides where they may run.
+
+The tests marked `device` run on `--device` (cpu by default; `make gpu-check` runs them on CUDA). They name the fast
+paths explicitly (`fast_paths=[name]`), so they exercise them on any device, whatever `DEVICE_DEFAULTS` enables there.
+"""
+
+import warnings
+
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+from transformers.models import convnextv2 as builtin
+
+from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
+from convnextv2_hf import fast_paths_convnextv2 as fast
+from convnextv2_hf.configuration_convnextv2 import FAST_PATH_NAMES
+from convnextv2_hf.modeling_convnextv2 import ConvNextV2GRN
+
+pytestmark = pytest.mark.device
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """Count calls of fast-path functions by name (the module's globals are looked up at call time)."""
+    counts: dict[str, int] = {}
+
+    def wrap(name: str, owner=fast, attribute: str | None = None):
+        original = getattr(owner, attribute or name)
+
+        def counted(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, attribute or name, counted)
+
+    wrap("grn_into_linear")
+    wrap("square_sum_norm")
+    wrap("GeluGrnLinear.apply", fast.GeluGrnLinear, "apply")
+    wrap("SparseDepthwiseConv.apply", fast.SparseDepthwiseConv, "apply")
+    monkeypatch.setattr(torch.ops.aten, "gelu_", _counting(torch.ops.aten.gelu_, counts, "gelu_"), raising=False)
+    return counts
+
+
+def _counting(function, counts, name):
+    def counted(*args, **kwargs):
+        counts[name] = counts.get(name, 0) + 1
+        return function(*args, **kwargs)
+
+    return counted
+
+
+# which function proves that a path ran
+EVIDENCE = {
+    "grn_fold": "grn_into_linear",
+    "inplace_gelu": "gelu_",
+    "square_sum_norm": "square_sum_norm",
+    "fused_gelu_grn_linear": "GeluGrnLinear.apply",
+    "sparse_depthwise_conv": "SparseDepthwiseConv.apply",
+}
+
+
+@pytest.mark.parametrize("name", FAST_PATH_NAMES)
+def test_each_fast_path_alone_gives_the_reference_outputs_and_gradients(name, device, count_calls):
+    # classifier (inference: fold, in-place GELU, norm; training: fused function, norm) and the sparse FCMAE
+    # (training: sparse depthwise conv), each with only `name` switched on, against fast_paths=False
+    torch.manual_seed(0)
+    reference_config, fast_config = tiny_config(fast_paths=False), tiny_config(fast_paths=[name])
+    model_class = ConvNextV2ForMaskedImageModeling if name == "sparse_depthwise_conv" else None
+    if model_class is None:
+        reference = randomize_(ConvNextV2ForImageClassification(reference_config)).to(device)
+        model = ConvNextV2ForImageClassification(fast_config).to(device)
+        inputs = {"pixel_values": torch.randn(3, 3, 96, 64, device=device), "labels": torch.tensor([0, 2, 4]).to(device)}
+    else:
+        reference = randomize_(ConvNextV2ForMaskedImageModeling(reference_config)).to(device)
+        model = ConvNextV2ForMaskedImageModeling(fast_config).to(device)
+        inputs = {"pixel_values": torch.randn(3, 3, 96, 64, device=device), "noise": torch.rand(3, 6, device=device)}
+    model.load_state_dict(reference.state_dict())
+    for mode in ("eval", "train"):
+        reference.train(mode == "train"), model.train(mode == "train")
+        with torch.set_grad_enabled(mode == "train"):
+            expected, got = reference(**inputs), model(**inputs)
+        assert max_diff(got.logits, expected.logits) <= 1e-5 * max(1.0, expected.logits.abs().max().item()), mode
+        if mode == "train":
+            expected.loss.backward(), got.loss.backward()
+            expected_grads = dict(reference.named_parameters())
+            for parameter_name, parameter in model.named_parameters():
+                if parameter.grad is None:
+                    assert expected_grads[parameter_name].grad is None, parameter_name
+                    continue
+                want = expected_grads[parameter_name].grad
+                assert max_diff(parameter.grad, want) <= 1e-5 * max(1.0, want.abs().max().item()), parameter_name
+    assert count_calls.get(EVIDENCE[name], 0) > 0, f"{name} never ran: {count_calls}"
+    for other, evidence in EVIDENCE.items():
+        if other != name and evidence != EVIDENCE[name]:
+            assert count_calls.get(evidence, 0) == 0, f"{other} ran though only {name} was on"
+
+
+def test_fast_paths_false_runs_none_and_true_runs_the_device_defaults(device, count_calls):
+    model = ConvNextV2ForImageClassification(tiny_config(fast_paths=False)).to(device).eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64, device=device))
+    assert count_calls == {}
+    model.config.fast_paths = True  # read at run time: the switch works on a built model
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64, device=device))
+    ran = {name for name, evidence in EVIDENCE.items() if count_calls.get(evidence)}
+    expected = set(fast.DEVICE_DEFAULTS.get(device.type, frozenset())) - {"fused_gelu_grn_linear", "sparse_depthwise_conv"}
+    assert ran == expected
+
+
+def test_fast_path_allowed_says_no_while_tracing_compiling_exporting_and_under_functorch():
+    x = torch.randn(2, 3)
+    linear = torch.nn.Linear(3, 3)
+    assert fast.fast_path_allowed("grn_fold", True, x, linear)
+    assert fast.fast_path_allowed("grn_fold", ["grn_fold"], x.to("meta"), linear)  # a list: on any device
+    assert not fast.fast_path_allowed("grn_fold", True, x.to("meta"), linear)  # no defaults for an unknown device
+    assert not fast.fast_path_allowed("grn_fold", False, x, linear)
+    assert not fast.fast_path_allowed("grn_fold", ["square_sum_norm"], x, linear)
+    seen = {}
+
+    def probe(tensor):
+        seen[len(seen)] = fast.fast_path_allowed("square_sum_norm", True, tensor)
+        return tensor * 2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated, and still in use
+        torch.jit.trace(probe, (x,), check_trace=False)
+    torch.func.vmap(probe)(x)
+    torch.func.grad(lambda t: probe(t).sum())(x)
+    torch.compile(probe, backend="eager", fullgraph=True)(x)
+    torch.export.export(_Probe(probe), (x,))
+    assert list(seen.values()) == [False] * 5
+    with pytest.raises(ValueError, match="unknown fast path 'nope'"):
+        fast.fast_path_allowed("nope", True, x)
+
+
+class _Probe(torch.nn.Module):
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x):
+        return self.function(x)
+
+
+def test_a_wrapped_or_hooked_layer_is_never_bypassed():
+    x = torch.randn(2, 3)
+
+    class LinearWithAdapter(torch.nn.Linear):
+        pass
+
+    hooked = torch.nn.Linear(3, 3)
+    hooked.register_forward_hook(lambda module, args, output: None)
+    pre_hooked_grn = ConvNextV2GRN(3)
+    pre_hooked_grn.register_forward_pre_hook(lambda module, args: None)
+    assert fast.fast_path_allowed("grn_fold", True, x, ConvNextV2GRN(3), torch.nn.Linear(3, 3))
+    assert not fast.fast_path_allowed("grn_fold", True, x, LinearWithAdapter(3, 3))
+    assert not fast.fast_path_allowed("grn_fold", True, x, hooked)
+    assert not fast.fast_path_allowed("grn_fold", True, x, pre_hooked_grn, torch.nn.Linear(3, 3))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
+    try:
+        assert not fast.fast_path_allowed("grn_fold", True, x, torch.nn.Linear(3, 3))
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(
+    ("shape", "out_features"),
+    [((3, 6, 6, 16), 4), ((2, 10, 16), 4)],
+    ids=["map", "gathered"],
+)
+def test_grn_into_linear_equals_grn_then_linear_with_gradients(shape, out_features, masked, device):
+    torch.manual_seed(0)
+    grn = randomize_(ConvNextV2GRN(shape[-1]), scale=0.5).to(device)
+    linear = torch.nn.Linear(shape[-1], out_features).to(device)
+    visible = (torch.rand(*shape[:-1], 1, device=device) > 0.4).float() if masked else None
+    features = torch.randn(shape, device=device, requires_grad=True)
+    parameters = [features, grn.weight, grn.bias, linear.weight]
+    expected = linear(grn(features, visible))
+    expected_grads = torch.autograd.grad(expected.square().sum(), parameters)
+    assert fast.folds(features, linear)
+    got = fast.grn_into_linear(grn, features, linear, visible, grn.norm(features, visible))
+    grads = torch.autograd.grad(got.square().sum(), parameters)
+    assert got.shape == expected.shape and max_diff(got, expected) <= 1e-5
+    for got_grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert max_diff(got_grad, expected_grad) <= 1e-4 * max(1.0, expected_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("path", ["reference", "square_sum", "fold", "fused"])
+def test_grn_gradients_are_finite_with_an_all_zero_channel(path, device):
+    # a channel that is zero at every position of a sample (dead unit, fp16 GELU outputs flushed to zero): the norm's
+    # gradient there is 0 by torch's definition; a plain sqrt's is inf, and inf * 0 would make every gradient NaN
+    torch.manual_seed(0)
+    grn = randomize_(ConvNextV2GRN(8), scale=0.5).to(device)
+    linear = torch.nn.Linear(8, 4).to(device)
+    h = torch.randn(2, 6, 6, 8, device=device)
+    h[0, ..., 3] = -20.0  # GELU(-20) == 0 in fp32: a dead channel after the activation
+    h.requires_grad_(True)
+    reference = builtin.modeling_convnextv2.ConvNextV2GRN(8).to(device)
+    reference.load_state_dict(grn.state_dict())
+    gelu = torch.nn.functional.gelu
+    expected_grads = torch.autograd.grad(linear(reference(gelu(h))).square().sum(), [h, reference.weight])
+    if path == "reference":
+        got = linear(grn(gelu(h)))
+    elif path == "square_sum":
+        activated = gelu(h)
+        got = linear(grn(activated, norm=fast.square_sum_norm(activated.flatten(1, 2))))
+    elif path == "fold":
+        activated = gelu(h)
+        got = fast.grn_into_linear(grn, activated, linear, None, fast.square_sum_norm(activated.flatten(1, 2)))
+    else:
+        got = fast.GeluGrnLinear.apply(h, grn.weight, grn.bias, linear.weight, linear.bias, grn, linear, None, True, True)
+    grads = torch.autograd.grad(got.square().sum(), [h, grn.weight])
+    for got_grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert torch.isfinite(got_grad).all()
+        assert max_diff(got_grad, expected_grad) <= 1e-4 * expected_grad.abs().max().item()
+
+
+@pytest.mark.parametrize("frozen", [(), ("linear.weight",), ("grn.weight", "grn.bias", "linear.bias")])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(("fold", "square_sum"), [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("shape", [(3, 6, 6, 16), (2, 10, 16)], ids=["map", "rows"])
+def test_gelu_grn_linear_function_equals_autograd_through_the_modules_in_fp64(
+    shape, fold, square_sum, masked, frozen, device
+):
+    # the training function keeps only h and writes GRN's backward out by hand: fp64 makes any slip visible
+    torch.manual_seed(0)
+    modules = torch.nn.ModuleDict(
+        {"grn": randomize_(ConvNextV2GRN(shape[-1]), scale=0.5), "linear": torch.nn.Linear(shape[-1], 4)}
+    ).double().to(device)
+    for name in frozen:
+        modules.get_parameter(name).requires_grad_(False)
+    grn, linear = modules["grn"], modules["linear"]
+    visible = (torch.rand(*shape[:-1], 1, device=device) > 0.4).double() if masked else None
+    h = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
+    inputs = [h] + [parameter for parameter in modules.parameters() if parameter.requires_grad]
+    expected = linear(grn(torch.nn.functional.gelu(h), visible))
+    expected_grads = torch.autograd.grad(expected.square().sum(), inputs)
+    got = fast.GeluGrnLinear.apply(
+        h, grn.weight, grn.bias, linear.weight, linear.bias, grn, linear, visible, fold, square_sum
+    )
+    grads = torch.autograd.grad(got.square().sum(), inputs)
+    assert max_diff(got, expected) <= 1e-12
+    for got_grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert (got_grad - expected_grad).abs().max().item() <= 1e-12 * max(1.0, expected_grad.abs().max().item())
+
+
+def test_square_sum_norm_in_chunks_equals_the_norm():
+    # 2M values per sample: at inference it squares 2 samples at a time, so 5 samples take 3 chunks
+    positions = torch.randn(5, 2048, 1024)
+    expected = torch.linalg.vector_norm(positions.double(), dim=1)
+    got = fast.square_sum_norm(positions)
+    assert got.dtype == torch.float32 and got.shape == (5, 1024)
+    assert ((got.double() - expected).abs() / expected).max().item() < 1e-6
+    half = fast.square_sum_norm(torch.full((3, 64, 8), 1.0e4, dtype=torch.float16))  # 8e4 overflows fp16
+    assert half.dtype == torch.float32 and torch.allclose(half, torch.full((3, 8), 8.0e4))
+    assert fast.square_sum_norm(torch.randn(0, 4, 8)).shape == (0, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grn_fold_in_half_precision_is_close_to_fp32(dtype, device):
+    # the folded weight is scaled in fp32 and cast once; the unfolded GRN rounds its output instead
+    torch.manual_seed(0)
+    model = randomize_(ConvNextV2ForImageClassification(tiny_config(fast_paths=["grn_fold"]))).to(device).eval()
+    pixels = torch.randn(2, 3, 128, 128, device=device)
+    with torch.no_grad():
+        expected = model(pixels).logits
+        model.to(dtype)
+        folded = model(pixels.to(dtype)).logits.float()
+        model.config.fast_paths = False
+        plain = model(pixels.to(dtype)).logits.float()
+    scale = expected.abs().max().item()
+    assert torch.isfinite(folded).all()
+    assert max_diff(folded, expected) / scale < 3e-2
+    assert max_diff(folded, expected) <= 2 * max_diff(plain, expected) + 1e-2 * scale
