@@ -6,15 +6,34 @@ image is resized straight to size x size (warp). transformers' ConvNeXt processo
 resize rule but default to mean/std 0.5 and 384 px, and place the centre crop one pixel off the official
 one when the margin is odd. Ours subclass them, changing the defaults and the crop placement.
 
+Input images, checked one by one before processing (``prepare_images``); a bad one raises ``ValueError``
+"image I of N: ..." naming its index:
+
+- PIL images of any mode. 16-bit modes (``I;16``, ``I;16L``, ``I;16B``, ``I;16N`` and ``I``, which older
+  Pillow gave 16-bit PNGs) are read as 0..65535 and brought to 8 bits (value * 255 / 65535, rounded); float
+  ``F`` images are read as [0, 1] when every value is <= 1, else as 0..255. PIL itself would clip both to
+  0..255 on conversion to RGB, turning a 16-bit photo white and a [0, 1] float image black. Values these
+  rules cannot read (``I`` beyond 0..65535, ``F`` negative, above 255 or not finite) raise.
+- Arrays and tensors, (H, W), (H, W, C) or (C, H, W) with C in {1, 3, 4}: uint8 as 0..255; uint16 as 16-bit,
+  like the PIL modes above; bool as 0/255 (as PIL's mode "1"); other integer types when within 0..255;
+  floating point as given (finite values only). Floating-point images whose values all lie in [0, 1] get a
+  ``UserWarning`` when ``do_rescale`` is on, since dividing by 255 again would leave them nearly black.
+- Local file paths (``str`` or ``os.PathLike``), opened with PIL. PIL opens files lazily; each image is
+  decoded here, so a truncated file fails with its index instead of deep inside the resize.
+
 Saved processors load with stock transformers alone: for the ``convnextv2`` model type it falls back to its
 built-in ConvNeXt processor with our saved values (mean, std, size, crop_pct, bicubic), which gives the same
 pixels except for that one-pixel crop shift on images with an odd margin at sizes below 384. (An ``auto_map``
 would make stock transformers refuse to load the folder without ``trust_remote_code``, so we write none, and
-no class name either, see ``to_dict``.)
+no class name of ours either, see ``to_dict``.) With this package imported, ``AutoImageProcessor`` gives back
+the backend that saved the folder (see ``register_saved_pil_type``).
 """
 
 from __future__ import annotations
 
+import numbers
+import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,31 +48,199 @@ from transformers.image_utils import (
     PILImageResampling,
     SizeDict,
 )
+from transformers.models.auto import image_processing_auto
 from transformers.models.convnext.image_processing_convnext import ConvNextImageProcessor
 from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
 
 EVAL_CROP_PCT = 0.875
+NUM_CHANNELS = 3  # the processors always give RGB (do_convert_rgb), so mean and std have three values
+
+# `image_processor_type` the PIL backend writes. Stock transformers reads it as its ConvNeXt processor (it never
+# writes the name itself: its PIL processors save the torchvision name), and `register_saved_pil_type` lets it
+# lead to our PIL backend when this package is imported.
+SAVED_PIL_TYPE = "ConvNextImageProcessorPil"
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_SIZE_KEYS = ("shortest_edge", "longest_edge", "height", "width", "max_height", "max_width")
 
 
-def check_images(images) -> list:
-    """The images as a list; ``ValueError`` naming the problem for an empty batch, an empty image or a
-    non-image object. Accepts PIL images, (H, W[, C]) / (C, H, W) arrays and tensors, and lists of them."""
-    batch = list(images) if isinstance(images, Sequence) and not isinstance(images, str) else [images]
+def check_settings(crop_pct, size, image_mean, image_std, rescale_factor) -> None:
+    """``ValueError`` naming the field for settings the processors cannot use: ``crop_pct`` outside (0, 1], a
+    size that is not a positive integer ``shortest_edge``, ``image_mean``/``image_std`` that are not one number
+    or three (one per RGB channel), a std that is not positive, a ``rescale_factor`` that is not positive."""
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, numbers.Real) or not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be a number in (0, 1] (officially {EVAL_CROP_PCT}), got {crop_pct!r}")
+    size_dict = {key: value for key, value in dict(size or {}).items() if value is not None}
+    for key, value in size_dict.items():
+        if key in _SIZE_KEYS and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0):
+            raise ValueError(f"size['{key}'] must be a positive integer, got {value!r}")
+    if set(size_dict) != {"shortest_edge"}:
+        raise ValueError(
+            f"size must be {{'shortest_edge': S}} (crop at S < 384, warp to S x S at S >= 384), got {size_dict}"
+        )
+    for name, values in (("image_mean", image_mean), ("image_std", image_std)):
+        values = values.tolist() if isinstance(values, np.ndarray) else values
+        numbers_given = [values] * NUM_CHANNELS if isinstance(values, numbers.Real) else values
+        if not isinstance(numbers_given, Sequence) or isinstance(numbers_given, str):
+            raise ValueError(f"{name} must be one number or {NUM_CHANNELS} (one per RGB channel), got {values!r}")
+        if len(numbers_given) != NUM_CHANNELS:
+            raise ValueError(
+                f"{name} must have {NUM_CHANNELS} values (one per RGB channel), got {len(numbers_given)}: {values!r}"
+            )
+        for value in numbers_given:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+                raise ValueError(f"{name} must hold finite numbers, got {values!r}")
+            if name == "image_std" and value <= 0:
+                raise ValueError(f"image_std must be positive (it divides the pixels), got {values!r}")
+    if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, numbers.Real) or not rescale_factor > 0:
+        raise ValueError(f"rescale_factor must be a positive number (1/255 for 8-bit pixels), got {rescale_factor!r}")
+
+
+def _batch_as_list(images) -> list:
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-        batch = list(images)
+        return list(images)
+    if isinstance(images, Sequence) and not isinstance(images, str):
+        return list(images)
+    return [images]
+
+
+def _eight_bit_from_sixteen(values):
+    """0..65535 -> 0..255 uint8, rounded; exact for values v * 257 (the 16-bit copy of an 8-bit v)."""
+    if isinstance(values, torch.Tensor):
+        return (values.to(torch.float32) * (255 / 65535)).round().to(torch.uint8)
+    return np.round(values.astype(np.float32) * (255 / 65535)).astype(np.uint8)
+
+
+def _from_wide_pil_mode(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A 16-bit or float PIL image as the 8-bit grey ("L") image it shows (rules in the module docstring)."""
+    values = np.asarray(image)
+    if image.mode == "F":
+        if not np.isfinite(values).all():
+            raise ValueError("mode 'F' image holds NaN or infinite values")
+        low, high = float(values.min()), float(values.max())
+        if low < 0 or high > 255:
+            raise ValueError(f"mode 'F' values must lie in [0, 1] or 0..255, got {low:g}..{high:g}")
+        scale = 255.0 if high <= 1 else 1.0
+        return PIL.Image.fromarray(np.round(values.astype(np.float32) * scale).astype(np.uint8))
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high > 65535:
+        raise ValueError(f"mode {image.mode!r} is read as 16-bit (0..65535), got values {low}..{high}")
+    return PIL.Image.fromarray(_eight_bit_from_sixteen(values))
+
+
+def _open_path(path) -> PIL.Image.Image:
+    if not os.path.isfile(path):
+        raise ValueError(f"no such image file: {os.fspath(path)!r}")
+    try:
+        return PIL.Image.open(path)
+    except Exception as error:  # PIL raises several types for files it cannot identify
+        raise ValueError(f"cannot open {os.fspath(path)!r} as an image ({type(error).__name__}: {error})") from None
+
+
+def _prepare_pil(image: PIL.Image.Image) -> PIL.Image.Image:
+    try:
+        image.load()  # PIL decodes lazily: a truncated or corrupt file fails here, not inside the resize
+    except Exception as error:  # OSError, SyntaxError, struct.error, zlib.error, ... depending on the format
+        raise ValueError(f"cannot decode the image data ({type(error).__name__}: {error})") from None
+    if 0 in image.size:
+        raise ValueError(f"has no pixels (size {image.size})")
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
+        return _from_wide_pil_mode(image)
+    return image
+
+
+def _pixel_kind(image) -> str:
+    """The pixel type: "bool", "uint8", "uint16", "int" (other integers), "float" or "other" (complex, ...)."""
+    if isinstance(image, torch.Tensor):
+        named = {torch.bool: "bool", torch.uint8: "uint8", torch.uint16: "uint16"}
+        if image.dtype in named:
+            return named[image.dtype]
+        return "float" if image.is_floating_point() else "other" if image.is_complex() else "int"
+    dtype = image.dtype
+    if dtype.kind == "b":
+        return "bool"
+    if dtype.kind == "u" and dtype.itemsize <= 2:
+        return "uint8" if dtype.itemsize == 1 else "uint16"
+    return {"u": "int", "i": "int", "f": "float"}.get(dtype.kind, "other")
+
+
+def _prepare_array(image):
+    """Checks and dtype rules for an array or tensor (module docstring); returns it with a dtype the backends
+    read right (uint8 or floating point)."""
+    is_tensor = isinstance(image, torch.Tensor)
+    if is_tensor:
+        image = image.detach()
+    shape = tuple(image.shape)
+    if image.ndim not in (2, 3):
+        raise ValueError(f"{type(image).__name__} of shape {shape} is not an image: (H, W), (H, W, C) or (C, H, W)")
+    if 0 in shape:
+        raise ValueError(f"has no pixels (shape {shape})")
+    if image.ndim == 3 and shape[0] not in (1, 3, 4) and shape[-1] not in (1, 3, 4):
+        raise ValueError(f"shape {shape} has no channel axis of 1, 3 or 4 first or last")
+    kind = _pixel_kind(image)
+    if kind == "bool":
+        return image.to(torch.uint8) * 255 if is_tensor else image.astype(np.uint8) * 255
+    if kind == "uint8":
+        return image
+    if kind == "uint16":
+        return _eight_bit_from_sixteen(image)
+    if kind == "int":
+        low, high = int(image.min()), int(image.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"{image.dtype} pixel values must lie in 0..255 (uint16 is read as 16-bit), got {low}..{high}"
+            )
+        return image.to(torch.uint8) if is_tensor else image.astype(np.uint8)
+    if kind != "float":
+        raise ValueError(f"pixels of dtype {image.dtype} are not an image (integers, bool or floating point)")
+    finite = torch.isfinite(image).all() if is_tensor else np.isfinite(image).all()
+    if not finite:
+        raise ValueError("holds NaN or infinite values")
+    return image
+
+
+def _looks_rescaled(image) -> bool:
+    if isinstance(image, torch.Tensor) and image.is_floating_point():
+        return bool(image.min() >= 0 and image.max() <= 1)
+    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
+        return bool(image.min() >= 0 and image.max() <= 1)
+    return False
+
+
+def prepare_images(images, do_rescale: bool = True) -> list:
+    """The images as a list the backends read correctly (rules in the module docstring).
+
+    Raises ``ValueError`` for an empty batch, and "image I of N: ..." for the first image that is not one.
+    Warns (``UserWarning``) when ``do_rescale`` is on and floating-point images already lie in [0, 1].
+    """
+    batch = _batch_as_list(images)
     if not batch:
         raise ValueError("the batch of images is empty")
+    prepared, already_rescaled = [], []
     for index, image in enumerate(batch):
-        if isinstance(image, PIL.Image.Image):
-            size = image.size
-        elif isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim in (2, 3):
-            size = tuple(image.shape)
-        else:
-            kind = f"{type(image).__name__} with shape {tuple(image.shape)}" if hasattr(image, "shape") else repr(image)
-            raise ValueError(f"image {index} is not an image (PIL image, array or tensor), got {kind[:200]}")
-        if 0 in size:
-            raise ValueError(f"image {index} has no pixels (size {size})")
-    return batch
+        where = f"image {index} of {len(batch)}"
+        try:
+            if isinstance(image, (str, os.PathLike)):
+                image = _open_path(image)
+            if isinstance(image, PIL.Image.Image):
+                image = _prepare_pil(image)
+            elif isinstance(image, (np.ndarray, torch.Tensor)):
+                image = _prepare_array(image)
+            else:
+                kind = "None" if image is None else f"{type(image).__name__} {image!r}"[:200]
+                raise ValueError(f"is not an image (PIL image, array, tensor or file path), got {kind}")
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        if do_rescale and _looks_rescaled(image):
+            already_rescaled.append(index)
+        prepared.append(image)
+    if already_rescaled:
+        warnings.warn(
+            f"images {already_rescaled} are floating point with every value in [0, 1], so they look rescaled "
+            "already, and do_rescale=True divides them by 255 again. Pass do_rescale=False for images in [0, 1].",
+            UserWarning,
+            stacklevel=4,
+        )
+    return prepared
 
 
 class _OfficialEvalDefaults:
@@ -67,17 +254,37 @@ class _OfficialEvalDefaults:
     do_normalize = True
     do_convert_rgb = True
     default_to_square = False
+    _saved_type: str | None = None  # image_processor_type in preprocessor_config.json, see to_dict
+
+    def __init__(self, **kwargs):
+        # Checked here, so bad values fail when the processor is built, also through from_dict / from_pretrained
+        # (both build it from the saved values with the keyword overrides applied).
+        super().__init__(**kwargs)
+        check_settings(self.crop_pct, self.size, self.image_mean, self.image_std, self.rescale_factor)
+
+    def _validate_preprocess_kwargs(self, **kwargs):
+        # The same checks for values given to a single call, e.g. processor(images, crop_pct=...); None there
+        # means the processor's own value.
+        names = ("crop_pct", "size", "image_mean", "image_std", "rescale_factor")
+        check_settings(*(getattr(self, name) if kwargs.get(name) is None else kwargs[name] for name in names))
+        super()._validate_preprocess_kwargs(**kwargs)
 
     def preprocess(self, images, *args, **kwargs):
-        """As the ConvNeXt processors, after checking the input (see ``check_images``)."""
-        return super().preprocess(check_images(images), *args, **kwargs)
+        """As the ConvNeXt processors, after checking and reading each input image (see ``prepare_images``)."""
+        do_rescale = kwargs.get("do_rescale")
+        do_rescale = self.do_rescale if do_rescale is None else do_rescale
+        return super().preprocess(prepare_images(images, do_rescale=do_rescale), *args, **kwargs)
 
     def to_dict(self) -> dict:
-        # No class name in preprocessor_config.json: AutoImageProcessor then picks the processor registered for
-        # the folder's model type, ours when this package is imported and transformers' ConvNeXt one otherwise
-        # (a name it does not know would make stock transformers refuse the folder).
+        # Never one of our class names in preprocessor_config.json: stock transformers refuses a folder whose
+        # image_processor_type it does not know. The torchvision backend writes none, so AutoImageProcessor picks
+        # the processor registered for the model type in config.json (ours with this package imported,
+        # transformers' ConvNeXt one otherwise). The PIL backend writes SAVED_PIL_TYPE, see
+        # register_saved_pil_type.
         output = super().to_dict()
         output.pop("image_processor_type", None)
+        if self._saved_type is not None:
+            output["image_processor_type"] = self._saved_type
         return output
 
     def resize(self, image, size: SizeDict, resample, crop_pct: float | None = None, **kwargs):
@@ -120,6 +327,31 @@ class ConvNextV2ImageProcessorPil(_OfficialEvalDefaults, ConvNextImageProcessorP
     """Official ConvNeXt V2 evaluation preprocessing, PIL backend: the official PIL pipeline to float rounding."""
 
     _backend = PilBackend
+    _saved_type = SAVED_PIL_TYPE
+
+
+def register_saved_pil_type() -> None:
+    """Make ``AutoImageProcessor.from_pretrained`` load a folder saved by the PIL backend as the PIL backend.
+
+    AutoImageProcessor looks ``image_processor_type`` up among the values of its registered backend mappings,
+    then picks the backend from its ``backend`` argument, defaulting to torchvision except for the type names in
+    ``DEFAULT_TO_PIL_BACKEND_IMAGE_PROCESSORS``. An entry of its own (keyed by a name, not a config class, so the
+    ``convnextv2`` registration in ``__init__`` stays as transformers expects) maps ``SAVED_PIL_TYPE`` to our two
+    classes, and that list gains the name: no ``backend`` gives ours with PIL, ``backend="torchvision"`` ours with
+    torchvision. The name stays a string in the entry, so lookups of transformers' own ConvNeXt PIL class by
+    name are untouched. Idempotent.
+    """
+    image_processing_auto.IMAGE_PROCESSOR_MAPPING.register(
+        "convnextv2_hf saved PIL processors",
+        {"torchvision": ConvNextV2ImageProcessor, "pil": ConvNextV2ImageProcessorPil, "saved as": SAVED_PIL_TYPE},
+        exist_ok=True,
+    )
+    pil_by_default = image_processing_auto.DEFAULT_TO_PIL_BACKEND_IMAGE_PROCESSORS
+    if SAVED_PIL_TYPE not in pil_by_default:
+        pil_by_default.append(SAVED_PIL_TYPE)
+
+
+register_saved_pil_type()
 
 
 def processor_for_resolution(resolution: int, backend: str = "torchvision"):
@@ -130,4 +362,11 @@ def processor_for_resolution(resolution: int, backend: str = "torchvision"):
     return classes[backend](size={"shortest_edge": resolution})
 
 
-__all__ = ["ConvNextV2ImageProcessor", "ConvNextV2ImageProcessorPil", "check_images", "processor_for_resolution"]
+__all__ = [
+    "ConvNextV2ImageProcessor",
+    "ConvNextV2ImageProcessorPil",
+    "check_settings",
+    "prepare_images",
+    "processor_for_resolution",
+    "register_saved_pil_type",
+]
