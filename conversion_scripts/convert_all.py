@@ -5,19 +5,38 @@
     python conversion_scripts/convert_all.py --output-root converted --push-to-hub --namespace me
 
 Finished output folders (``<output-root>/<repo name>``) are skipped, so an interrupted run picks up where it
-stopped. Exits non-zero when any checkpoint failed.
+stopped. A checkpoint that fails, for whatever reason, is reported and the run goes on to the next; the summary
+table lists every checkpoint with its status and error, and the exit status is 1 when any failed (2 for a bad
+command line, 130 or 143 when interrupted, after the table of what was done).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from convnextv2_hf.checkpoints import DEFAULT_HUB_NAMESPACE, select_checkpoints
-from convnextv2_hf.conversion import convert_checkpoint, is_converted_folder, push_folder_to_hub
+from convnextv2_hf.conversion import (
+    ConversionInterrupted,
+    convert_checkpoint,
+    is_converted_folder,
+    push_folder_to_hub,
+)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the plan only; touches neither network nor disk")
     parser.add_argument("--cache-dir", help="where official files are downloaded (default: torch.hub's cache)")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--verify-image-size", type=int, help="side of the verification input (default: resolution)")
+    parser.add_argument(
+        "--verify-image-size", type=positive_int, help="side of the verification input (default: resolution)"
+    )
     parser.add_argument("--push-to-hub", action="store_true")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--revision")
@@ -42,12 +63,21 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
+def _one_line(error: BaseException, limit: int = 100) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     checkpoints = select_checkpoints(args.filter)
     if not checkpoints:
-        raise SystemExit(f"error: no official checkpoint matches --filter {args.filter}")
+        print(f"error: no official checkpoint matches --filter {args.filter}", file=sys.stderr)
+        return 2
     root = Path(args.output_root)
+    if root.exists() and not root.is_dir():
+        print(f"error: --output-root {root} is an existing file, not a folder", file=sys.stderr)
+        return 2
     if args.dry_run:
         print(f"plan: {len(checkpoints)} checkpoint(s) into {root}/")
         print_table(
@@ -56,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    summary = []
+    summary, interrupted = [], None
     for checkpoint in tqdm(checkpoints, desc="converting", unit="checkpoint"):
         output_dir, repo_id = root / checkpoint.repo_name, checkpoint.repo_id(args.namespace)
-        started, difference = time.perf_counter(), ""
-        if is_converted_folder(output_dir):
-            status = "skipped (done)"
-        else:
-            try:
+        started, difference, error_text = time.perf_counter(), "", ""
+        try:
+            if is_converted_folder(output_dir):
+                status = "skipped (done)"
+            else:
                 report = convert_checkpoint(
                     checkpoint.name,
                     output_dir,
@@ -75,24 +105,38 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 status = "converted"
                 difference = f"{report.verification.max_abs_diff:.1e}" if report.verification else "not verified"
-            except ValueError as error:
-                status = "FAILED"
-                tqdm.write(f"{checkpoint.name}: {error}")
-        if args.push_to_hub and status != "FAILED":
+        except KeyboardInterrupt as interrupt:  # stop, but still say what was done
+            interrupted, status, error_text = interrupt, "INTERRUPTED", _one_line(interrupt)
+        except Exception as error:  # any failure of one checkpoint: report it, go on to the next
+            status, error_text = "FAILED", _one_line(error)
+            tqdm.write(f"{checkpoint.name}: FAILED: {type(error).__name__}: {error}")
+        if args.push_to_hub and not interrupted and status != "FAILED":
             try:
                 push_folder_to_hub(
                     output_dir, repo_id, endpoint=args.endpoint, private=args.private, revision=args.revision
                 )
                 status += ", pushed"
+            except KeyboardInterrupt as interrupt:
+                interrupted, status, error_text = interrupt, "INTERRUPTED (push)", _one_line(interrupt)
             except Exception as error:  # keep going: the folder stays for a later run
-                status = "FAILED (push)"
+                status, error_text = "FAILED (push)", _one_line(error)
                 tqdm.write(f"{checkpoint.name}: push to {repo_id} failed: {error}")
-        summary.append([checkpoint.name, status, difference, f"{time.perf_counter() - started:.1f}s", repo_id])
+        summary.append(
+            [checkpoint.name, status, difference, f"{time.perf_counter() - started:.1f}s", repo_id, error_text]
+        )
+        if interrupted is not None:
+            break
 
     print()
-    print_table(["checkpoint", "status", "max abs diff", "time", "repo id"], summary)
-    failed = [row for row in summary if row[1].startswith("FAILED")]
-    print(f"{len(summary) - len(failed)} done, {len(failed)} failed")
+    print_table(["checkpoint", "status", "max abs diff", "time", "repo id", "error"], summary)
+    failed = [row for row in summary if row[1].startswith(("FAILED", "INTERRUPTED"))]
+    not_started = len(checkpoints) - len(summary)
+    print(
+        f"{len(summary) - len(failed)} done, {len(failed)} failed"
+        + (f", {not_started} not started (interrupted)" if not_started else "")
+    )
+    if interrupted is not None:
+        return 128 + (interrupted.signum if isinstance(interrupted, ConversionInterrupted) else 2)
     return 1 if failed else 0
 
 

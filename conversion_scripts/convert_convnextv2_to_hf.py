@@ -10,15 +10,44 @@
 
 Reads the three official layouts: fine-tuned classifiers (-> ConvNextV2ForImageClassification with ImageNet-1K
 labels), FCMAE encoders (-> ConvNextV2Model) and checkpoints of the official pretraining code, MinkowskiEngine
-encoder plus decoder (-> ConvNextV2ForMaskedImageModeling). Any problem exits non-zero and writes no folder.
+encoder plus decoder (-> ConvNextV2ForMaskedImageModeling). Any problem prints ``error: <message>``, exits 2 and
+writes no folder; Ctrl-C or SIGTERM exits 130 or 143 and leaves no ``.partial`` folder. ``--sha256`` checks the
+file against a known hash first; the output folder records the source's SHA-256 either way. ``--overwrite``
+replaces only a folder that an earlier conversion wrote.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from convnextv2_hf.checkpoints import find_official_checkpoint
-from convnextv2_hf.conversion import convert_checkpoint, push_folder_to_hub
+from convnextv2_hf.conversion import ConversionInterrupted, convert_checkpoint, parse_sha256, push_folder_to_hub
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def sha256_argument(text: str) -> str:
+    """argparse type: 64 hexadecimal digits."""
+    try:
+        return parse_sha256(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def fail(message: str) -> int:
+    """The argparse convention for a failed command: ``error: <message>`` on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,15 +58,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model-name",
         help="convnextv2_<size>, <size>, 'custom' or an official name; default: from the file name, else the shapes",
     )
-    parser.add_argument("--resolution", type=int, help="image size of the checkpoint (default: from the name, or 224)")
+    parser.add_argument(
+        "--resolution", type=positive_int, help="image size of the checkpoint (default: from the name, or 224)"
+    )
     parser.add_argument(
         "--verify",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="compare with timm's ConvNeXt V2 before writing (default: on)",
     )
-    parser.add_argument("--verify-image-size", type=int, help="side of the verification input (default: resolution)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument(
+        "--verify-image-size", type=positive_int, help="side of the verification input (default: resolution)"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an output folder that an earlier conversion wrote"
+    )
+    parser.add_argument(
+        "--sha256", type=sha256_argument, help="expected SHA-256 of the checkpoint file (checked first)"
+    )
     parser.add_argument("--cache-dir", help="where official files are downloaded (default: torch.hub's cache)")
     parser.add_argument("--push-to-hub", action="store_true")
     parser.add_argument("--repo-id", help="Hub repository (default for official files: the table's suggestion)")
@@ -54,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     repo_id = args.repo_id or (official.repo_id() if official and args.push_to_hub else None)
     if args.push_to_hub and not repo_id:
-        raise SystemExit("error: --push-to-hub needs --repo-id for a file that is not an official checkpoint")
+        return fail("--push-to-hub needs --repo-id for a file that is not an official checkpoint")
     try:
         convert_checkpoint(
             args.checkpoint,
@@ -66,19 +104,24 @@ def main(argv: list[str] | None = None) -> int:
             repo_id=repo_id,
             overwrite=args.overwrite,
             cache_dir=args.cache_dir,
+            expected_sha256=args.sha256,
         )
     except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        return fail(str(error))
+    except KeyboardInterrupt as interrupt:  # the staging folder is already gone
+        signum = interrupt.signum if isinstance(interrupt, ConversionInterrupted) else 2
+        print(f"error: {str(interrupt) or 'interrupted'}; no output folder was written", file=sys.stderr)
+        return 128 + signum
     if args.push_to_hub:
         try:
             commit = push_folder_to_hub(
                 args.output_dir, repo_id, endpoint=args.endpoint, private=args.private, revision=args.revision
             )
         except Exception as error:  # any Hub or network failure: the converted folder stays for a later push
-            raise SystemExit(f"error: pushing {args.output_dir} to {repo_id} failed: {error}") from None
+            return fail(f"pushing {args.output_dir} to {repo_id} failed: {error}")
         print(f"pushed {args.output_dir} to {repo_id}: {commit.commit_url}")
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

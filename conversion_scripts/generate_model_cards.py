@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from convnextv2_hf.checkpoints import DEFAULT_HUB_NAMESPACE
@@ -18,7 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parents[1] / "model_cards"))
     parser.add_argument("--namespace", default=DEFAULT_HUB_NAMESPACE)
     args = parser.parse_args(argv)
-    paths = write_model_cards(args.output_dir, args.namespace)
+    try:
+        paths = write_model_cards(args.output_dir, args.namespace)
+    except OSError as error:  # a file in the way, a read-only folder, a full disk
+        print(f"error: could not write the model cards into {args.output_dir}: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {len(paths)} model cards into {args.output_dir}")
     return 0
 

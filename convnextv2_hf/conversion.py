@@ -13,25 +13,39 @@ The engine reads a file safely (``load_original_checkpoint``), recognises one of
 model with every tensor accounted for (``convert_state_dict``), checks it against timm's ConvNeXt V2 loaded
 through timm's own checkpoint filter from the same original tensors (``verify_against_timm``), and writes the
 output folder atomically (``write_output_folder``). Every problem with the input is a ``ValueError`` naming it.
+
+Safety: tensors are checked (string names, no scalars, real finite floats, no shape larger than the data the file
+stores) before anything is computed from them, and the model is first built on the meta device, so a small
+hostile file cannot make the conversion allocate gigabytes. An output folder carries a marker
+(``CONVERSION_MARKER``: source, SHA-256, time, package version); ``overwrite`` replaces only such a folder, never
+the working directory, an ancestor of it or of the source, the root or the home folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import errno
 import hashlib
+import json
 import math
 import os
 import pickle
 import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from huggingface_hub import CommitInfo, HfApi, ModelCard
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -44,6 +58,7 @@ from .modeling_convnextv2 import (
     ConvNextV2ForImageClassification,
     ConvNextV2ForMaskedImageModeling,
     ConvNextV2Model,
+    draw_mask,
 )
 
 VERIFICATION_TOLERANCE = 1e-4  # max abs difference, fp32
@@ -253,18 +268,46 @@ def load_original_checkpoint(path: str | Path) -> OriginalCheckpoint:
         )
     if not state_dict:
         raise ValueError(f"{path} holds an empty state dict")
-    not_tensors = [name for name, value in state_dict.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        raise ValueError(
-            f"{path} is not a state dict of tensors: {len(not_tensors)} entries are not tensors "
-            f"(e.g. {not_tensors[:3]})"
-        )
+    try:
+        check_state_dict(state_dict)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     training_args = {}
     namespace = content.get("args") if isinstance(content, dict) else None
     if isinstance(namespace, argparse.Namespace):
         wanted = ("mask_ratio", "norm_pix_loss", "input_size")
         training_args = {key: value for key, value in vars(namespace).items() if key in wanted}
     return OriginalCheckpoint(dict(state_dict), training_args)
+
+
+def check_state_dict(state_dict: dict) -> None:
+    """``ValueError`` naming the first entry that is not a tensor an official checkpoint can hold: a name that
+    is not a string, a value that is not a dense tensor, a 0-d tensor, a dtype that is not a real floating
+    point, a shape larger than the data stored for it (a stride-0 or overlapping view: a small file declaring
+    huge widths), or a NaN or infinite value. Runs before anything is computed from the tensors."""
+    for name, value in state_dict.items():
+        if not isinstance(name, str):
+            raise ValueError(f"the state dict key {name!r} is a {type(name).__name__}, not a tensor name (a string)")
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name!r} is a {type(value).__name__}, not a tensor")
+        if value.layout is not torch.strided or value.is_quantized or value.device.type != "cpu":
+            raise ValueError(f"tensor {name!r} is not a dense CPU tensor (layout {value.layout}, {value.device})")
+        if value.ndim == 0:
+            raise ValueError(f"tensor {name!r} is 0-d (a scalar); every ConvNeXt V2 tensor has at least one axis")
+        if value.is_complex() or not value.is_floating_point():
+            raise ValueError(f"tensor {name!r} has dtype {value.dtype}; ConvNeXt V2 weights are real floating point")
+        # every element of a saved tensor has its own bytes in the file; a view declaring more elements than its
+        # storage holds (stride 0) would materialise into gigabytes at the first copy
+        declared = value.numel() * value.element_size()
+        stored = value.untyped_storage().nbytes() - value.storage_offset() * value.element_size()
+        if declared > stored:
+            raise ValueError(
+                f"tensor {name!r} declares shape {tuple(value.shape)} ({declared:,} bytes) but the file stores only "
+                f"{stored:,} bytes for it (an expanded or overlapping view, not a saved weight)"
+            )
+        if not bool(torch.isfinite(value).all()):
+            nan, inf = int(torch.isnan(value).sum()), int(torch.isinf(value).sum())
+            raise ValueError(f"tensor {name!r} holds {nan} NaN and {inf} infinite value(s) of {value.numel()}")
 
 
 def sha256_of_file(path: str | Path) -> str:
@@ -329,9 +372,21 @@ def _numbered(state_dict: StateDict, pattern: str) -> list[tuple[int, ...]]:
     return [tuple(map(int, match.groups())) for name in state_dict if (match := re.fullmatch(pattern, name))]
 
 
+def _depth(numbers: list[int], what: str) -> int:
+    """The depth of blocks numbered 0..n-1; ``ValueError`` for a gap (a name ``stages.0.99999999.…`` must not
+    make the model a hundred million blocks deep)."""
+    found = sorted(set(numbers))
+    if found != list(range(len(found))):
+        numbers = set(found)
+        first_missing = next(number for number in range(len(found) + 1) if number not in numbers)
+        shown = ", ".join(map(str, found[:8])) + (", ..." if len(found) > 8 else "")
+        raise ValueError(f"{what} must be numbered 0, 1, ...; found blocks {shown} (no block {first_missing})")
+    return len(found)
+
+
 def infer_architecture(dense: StateDict, layout: Layout) -> Architecture:
     """Read depths, widths and the rest off the shapes of a state dict in the official dense layout.
-    A gap in the numbering (a missing block) shows up later as missing tensors."""
+    Blocks must be numbered without gaps; a missing tensor of a block shows up later, by name."""
     stem = dense["downsample_layers.0.0.weight"]  # (C0, in, p, p)
     if stem.ndim != 4:
         raise ValueError(f"the stem conv weight must be (C, in, p, p), got {tuple(stem.shape)}")
@@ -339,9 +394,8 @@ def infer_architecture(dense: StateDict, layout: Layout) -> Architecture:
     stages = sorted({stage for stage, _ in blocks})
     if not stages or stages != list(range(len(stages))):
         raise ValueError(f"the encoder's stages must be numbered 0, 1, ...; found stages {stages}")
-    depths = [1 + max(block for s, block in blocks if s == stage) for stage in stages]
-    first_blocks = [min(block for s, block in blocks if s == stage) for stage in stages]
-    hidden_sizes = [dense[f"stages.{stage}.{block}.dwconv.weight"].shape[0] for stage, block in enumerate(first_blocks)]
+    depths = [_depth([block for s, block in blocks if s == stage], f"the blocks of stage {stage}") for stage in stages]
+    hidden_sizes = [dense[f"stages.{stage}.0.dwconv.weight"].shape[0] for stage in stages]
     architecture = Architecture(depths, hidden_sizes, num_channels=stem.shape[1], patch_size=stem.shape[-1])
     if layout is FINETUNED and "head.weight" in dense:
         architecture.num_labels = dense["head.weight"].shape[0]
@@ -350,7 +404,7 @@ def infer_architecture(dense: StateDict, layout: Layout) -> Architecture:
             raise ValueError("the pretraining checkpoint is missing its decoder projection 'proj' or prediction 'pred'")
         architecture.decoder_hidden_size = dense["proj.weight"].shape[0]
         decoder_blocks = _numbered(dense, r"decoder\.(\d+)\.dwconv\.weight")
-        architecture.decoder_depth = 1 + max(decoder_blocks)[0] if decoder_blocks else 0
+        architecture.decoder_depth = _depth([block for (block,) in decoder_blocks], "the decoder blocks")
         total_stride = architecture.patch_size * 2 ** (len(depths) - 1)
         expected = total_stride**2 * architecture.num_channels
         if dense["pred.weight"].shape[0] != expected:
@@ -434,6 +488,7 @@ def convert_state_dict(
     the file must land in the model and every model tensor must come from the file (except the final norm of
     FCMAE files, started at its identity), with equal shapes; otherwise ``ValueError`` lists them.
     """
+    check_state_dict(original.state_dict)
     layout = detect_layout(original.state_dict)
     if official is not None:
         expected = (FINETUNED,) if official.is_classifier else (FCMAE_ENCODER, FCMAE_PRETRAINING)
@@ -475,7 +530,10 @@ def convert_state_dict(
         filled = [name.removeprefix(prefix) for name in filled]
 
     config = _build_config(architecture, layout, resolution, training_args)
-    model = model_class(config).eval()
+    # built on the meta device first: shapes are compared before any memory is allocated, so widths a hostile
+    # file declares (with tensors missing) cannot make the model gigabytes large
+    with torch.device("meta"):
+        model = model_class(config).eval()
     expected_shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     missing = [name for name in expected_shapes if name not in renamed]
     if missing:
@@ -492,7 +550,16 @@ def convert_state_dict(
     ]
     if wrong:
         raise ValueError(f"tensors with the wrong shape: {'; '.join(wrong[:8])}")
-    model.load_state_dict({name: tensor.float() for name, tensor in renamed.items()}, strict=True)
+    # now every model tensor has the shape of a tensor the file stores: memory is bounded by the file's size.
+    # Own fp32 copies, so the model never aliases the originals the verification reads.
+    weights = {
+        name: tensor.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        for name, tensor in renamed.items()
+    }
+    model.load_state_dict(weights, strict=True, assign=True)
+    left_on_meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if left_on_meta:  # a buffer outside the state dict would need its own initialisation
+        raise RuntimeError(f"model tensors not set from the checkpoint: {left_on_meta}")
     return ConvertedCheckpoint(model, layout, architecture, resolution, original, dense, official, filled)
 
 
@@ -617,6 +684,11 @@ def verify_against_timm(
     """
     model, architecture, layout = converted.model.eval(), converted.architecture, converted.layout
     image_size = image_size or converted.resolution
+    total_stride = architecture.patch_size * 2 ** (len(architecture.depths) - 1)
+    if image_size < total_stride:
+        raise ValueError(
+            f"the verification input must be at least {total_stride} px (the total stride), got {image_size}"
+        )
     pixels = _fixed_input((batch_size, architecture.num_channels, image_size, image_size))
     note, compared = "", {}
     if layout is FINETUNED:
@@ -658,8 +730,7 @@ def _decoder_outputs(converted: ConvertedCheckpoint, latent: torch.Tensor) -> tu
     # the decoder is dense in the file: read its tensors straight from there, not through our rules
     original, model, architecture = converted.original.state_dict, converted.model, converted.architecture
     batch, _, height, width = latent.shape
-    num_kept = max(1, int(height * width * (1 - model.config.mask_ratio)))
-    removed = _fixed_input((batch, height * width), seed=1).argsort(dim=1).argsort(dim=1) >= num_kept
+    removed = draw_mask(_fixed_input((batch, height * width), seed=1), model.config.mask_ratio)  # the model's rule
     blocks = _timm_decoder_blocks(original, architecture.decoder_hidden_size, architecture.decoder_depth)
     hidden = nn.functional.conv2d(latent, original["proj.weight"], original["proj.bias"])
     mask = removed.view(batch, 1, height, width).to(hidden.dtype)
@@ -757,39 +828,260 @@ def resolve_checkpoint(reference: str | Path, cache_dir: str | Path | None = Non
     return target, url
 
 
-def write_output_folder(
-    converted: ConvertedCheckpoint, output_dir: str | Path, card: ModelCard, overwrite: bool = False
-) -> Path:
-    """Save weights (safetensors), config, processor and model card into a temporary sibling folder, check that
-    the folder loads back to the same tensors, then rename it into place: a failure leaves no output folder."""
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise ValueError(f"{output_dir} already exists (pass --overwrite to replace it)")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+CONVERSION_MARKER = ".convnextv2_hf_conversion.json"  # in every folder a conversion writes, and only there
+_MARKER_FORMAT = "convnextv2-hf conversion"
+_PARTIAL_SUFFIX = ".partial"
+
+
+class ConversionInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived while an output folder was being written (SIGINT raises ``KeyboardInterrupt``).
+    The staging folder is removed before it propagates; ``signum`` gives the conventional exit status
+    ``128 + signum``."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise ``ConversionInterrupted`` as SIGINT raises ``KeyboardInterrupt``,
+    so ``except``/``finally`` clean-up runs instead of the process dying mid-write. Handlers can only be set from
+    the main thread; elsewhere the block runs with the process's own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise ConversionInterrupted(signum)
+
+    numbers = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {number: signal.signal(number, interrupt) for number in numbers}
     try:
-        converted.model.save_pretrained(staging)
-        processor_for_resolution(converted.resolution).save_pretrained(staging)
-        card.save(staging / "README.md")
-        reloaded = type(converted.model).from_pretrained(staging)
-        expected = converted.model.state_dict()
-        if reloaded.state_dict().keys() != expected.keys() or any(
-            not torch.equal(tensor, expected[name]) for name, tensor in reloaded.state_dict().items()
-        ):
-            raise ValueError(f"the saved folder does not load back to the converted tensors ({staging})")
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output_dir
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Clean-up that a second Ctrl-C must not cut short: SIGINT, SIGTERM and SIGHUP wait until the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    deferred = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def read_conversion_marker(folder: str | Path) -> dict | None:
+    """The marker a conversion left in ``folder`` (a dict), or None when there is none or it is not ours."""
+    marker = Path(folder) / CONVERSION_MARKER
+    try:
+        content = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) and content.get("format") == _MARKER_FORMAT else None
+
+
+def _write_marker(folder: Path, provenance: dict, **fields) -> None:
+    content = {
+        "format": _MARKER_FORMAT,
+        "package_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance,
+        **fields,
+    }
+    (folder / CONVERSION_MARKER).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_dir(output_dir: str | Path, *, source_path: str | Path | None = None, overwrite: bool = False) -> Path:
+    """``ValueError`` unless a conversion may write ``output_dir``; returns it resolved.
+
+    Never a symbolic link or an existing file; never a folder whose removal would delete something the conversion
+    did not create: the filesystem root, the home folder, the current directory, an ancestor of any of these or
+    of the source file. An existing folder is replaced only with ``overwrite``, and only when it is empty or a
+    conversion wrote it (it holds ``CONVERSION_MARKER``) and it holds nothing the conversion did not write.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.is_symlink():
+        raise ValueError(f"the output folder {output_dir} is a symbolic link: give the real path of a new folder")
+    target = output_dir.resolve()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"the output folder {output_dir} is an existing file, not a folder")
+    blocking = next((parent for parent in target.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"cannot create the output folder {output_dir}: {blocking} is a file, not a folder")
+    protected = {
+        Path(target.anchor): "the filesystem root",
+        Path.home().resolve(): "your home folder",
+        Path.cwd().resolve(): "the current directory",
+    }
+    if source_path is not None:
+        source_path = Path(source_path)
+        protected[source_path.absolute()] = f"the source checkpoint {source_path}"
+        protected[source_path.resolve()] = f"the source checkpoint {source_path}"
+    for path, what in protected.items():
+        if _is_within(path, target):
+            relation = "is" if path == target else "holds"
+            raise ValueError(
+                f"refusing to write the output folder {output_dir}: it {relation} {what}, which a conversion must "
+                "never replace; choose a new folder"
+            )
+    if not target.exists():
+        return target
+    if not overwrite:
+        raise ValueError(f"{output_dir} already exists (pass --overwrite to replace it)")
+    contents = sorted(path.name for path in target.iterdir())
+    if not contents:
+        return target
+    marker = read_conversion_marker(target)
+    if marker is None:
+        raise ValueError(
+            f"refusing to replace {output_dir}: it is not empty and no conversion wrote it (it has no "
+            f"{CONVERSION_MARKER}; it holds {_describe(contents, limit=5)}). Choose a new folder, or empty it yourself"
+        )
+    foreign = sorted(set(contents) - set(marker.get("files", [])) - {CONVERSION_MARKER})
+    if foreign:
+        raise ValueError(
+            f"refusing to replace {output_dir}: a conversion wrote it, but it now also holds files the conversion "
+            f"did not write ({_describe(foreign, limit=5)}). Move them away first"
+        )
+    return target
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(output_dir: str | Path) -> list[Path]:
+    """Remove the staging folders (``.<name>.*.partial`` beside ``output_dir``) that killed runs (SIGKILL, power
+    loss) left behind: those whose marker names a writer process on this host that no longer runs, and empty ones.
+    Folders without our marker, and those of a running conversion, stay. Returns the removed paths."""
+    output_dir = Path(output_dir)
+    parent, prefix = output_dir.parent, f".{output_dir.name}."
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for path in parent.iterdir():
+        if not (path.name.startswith(prefix) and path.name.endswith(_PARTIAL_SUFFIX)) or path.is_symlink():
+            continue
+        if not path.is_dir():
+            continue
+        marker = read_conversion_marker(path)
+        if marker is None:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only succeeds when empty: killed between mkdtemp and the marker
+                removed.append(path)
+            continue
+        writer = marker.get("writer")
+        if isinstance(writer, dict):  # a staging folder; without one, a finished folder moved aside to be replaced
+            if writer.get("host") != socket.gethostname():
+                continue  # written from another machine (a shared disk): its process cannot be checked from here
+            pid = writer.get("pid")
+            if not isinstance(pid, int) or pid <= 0 or _process_is_alive(pid):
+                continue
+        with _signals_deferred():
+            shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def write_output_folder(
+    converted: ConvertedCheckpoint,
+    output_dir: str | Path,
+    card: ModelCard,
+    overwrite: bool = False,
+    *,
+    source_path: str | Path | None = None,
+    provenance: dict | None = None,
+) -> Path:
+    """Save weights (safetensors), config, processor, model card and the conversion marker (``provenance``: the
+    source and its SHA-256) into a ``.partial`` sibling folder, check that it loads back to the same tensors, then
+    rename it into place. A failure, Ctrl-C, SIGTERM or SIGHUP leaves no ``.partial`` folder and the previous
+    output (if any) in place; a disk error (full, read-only) is a ``ValueError``. See ``check_output_dir`` for
+    what ``overwrite`` may replace; ``source_path`` is protected from it."""
+    target = check_output_dir(output_dir, source_path=source_path, overwrite=overwrite)
+    provenance = dict(provenance or {})
+    staging = aside = None
+    try:
+        with _signals_raise():
+            try:
+                remove_stale_partials(target)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=_PARTIAL_SUFFIX, dir=target.parent))
+                # the marker first: a later run can tell this folder is ours and whether its writer still runs
+                _write_marker(staging, provenance, writer={"pid": os.getpid(), "host": socket.gethostname()})
+                converted.model.save_pretrained(staging)
+                processor_for_resolution(converted.resolution).save_pretrained(staging)
+                card.save(staging / "README.md")
+                reloaded = type(converted.model).from_pretrained(staging)
+                expected = converted.model.state_dict()
+                if reloaded.state_dict().keys() != expected.keys() or any(
+                    not torch.equal(tensor, expected[name]) for name, tensor in reloaded.state_dict().items()
+                ):
+                    raise ValueError(f"the saved folder does not load back to the converted tensors ({staging})")
+                files = sorted(path.name for path in staging.iterdir() if path.name != CONVERSION_MARKER)
+                _write_marker(staging, provenance, files=files)
+                if target.exists():  # checked replaceable above; moved aside so the swap is two renames
+                    # a staging-like name: if this process dies here, the next run removes it as stale
+                    aside = staging.with_name(
+                        staging.name.removesuffix(_PARTIAL_SUFFIX) + ".replaced" + _PARTIAL_SUFFIX
+                    )
+                    target.rename(aside)
+                staging.rename(target)
+                staging = None
+            except BaseException:
+                with _signals_deferred():
+                    if staging is not None:
+                        shutil.rmtree(staging, ignore_errors=True)
+                    if aside is not None and aside.exists() and not target.exists():
+                        aside.rename(target)  # put the previous output back
+                raise
+            finally:
+                if aside is not None:
+                    with _signals_deferred():
+                        shutil.rmtree(aside, ignore_errors=True)
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
+        raise ValueError(_describe_write_error(error, target)) from None
+    return target
+
+
+def _describe_write_error(error: OSError | SafetensorError, output_dir: Path) -> str:
+    number = getattr(error, "errno", None)
+    if number is None and (match := re.search(r"os error (\d+)", str(error))):
+        number = int(match.group(1))
+    reason = {
+        errno.ENOSPC: "no space left on the disk",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EROFS: "the filesystem is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }.get(number, getattr(error, "strerror", None) or str(error))
+    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+    return f"could not write the output folder {output_dir}: {reason}{where}; nothing was written"
 
 
 def is_converted_folder(path: str | Path) -> bool:
-    """A finished output folder (folders appear only complete, by rename)."""
+    """A finished output folder: folders appear only complete, by rename, and with the conversion marker."""
     path = Path(path)
-    return all((path / name).is_file() for name in ("config.json", "model.safetensors", "README.md"))
+    return read_conversion_marker(path) is not None and all(
+        (path / name).is_file() for name in ("config.json", "model.safetensors", "README.md")
+    )
 
 
 def push_folder_to_hub(
@@ -806,6 +1098,7 @@ def push_folder_to_hub(
 
     ``endpoint`` and ``token`` default to ``HF_ENDPOINT`` and ``HF_TOKEN`` read now (huggingface_hub reads
     ``HF_ENDPOINT`` once, at import). Unchanged files are not re-uploaded; an unchanged folder makes no commit.
+    The conversion marker stays local.
     """
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token or os.environ.get("HF_TOKEN"))
     api.create_repo(repo_id, private=private, exist_ok=True)
@@ -816,6 +1109,8 @@ def push_folder_to_hub(
         folder_path=str(folder),
         revision=revision,
         commit_message=commit_message or f"Upload ConvNeXt V2 converted with convnextv2-hf {__version__}",
+        # the marker is local bookkeeping (a local path, a time); the card carries the source and its SHA-256
+        ignore_patterns=[CONVERSION_MARKER],
     )
 
 
@@ -826,6 +1121,14 @@ def push_folder_to_hub(
 _FILE_NAME_PATTERN = re.compile(
     r"convnextv2[_-](?P<size>" + "|".join(PRESETS) + r")(?:[_-](?:1k|22k))?(?:[_-](?P<resolution>\d{3}))?"
 )
+
+
+def parse_sha256(text: str) -> str:
+    """A SHA-256 as 64 hexadecimal digits (any case, an optional ``sha256:`` prefix) -> lower case."""
+    digest = str(text).strip().lower().removeprefix("sha256:")
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError(f"{text!r} is not a SHA-256 (64 hexadecimal digits)")
+    return digest
 
 
 def parse_model_name(name: str) -> tuple[str | None, OfficialCheckpoint | None]:
@@ -863,26 +1166,37 @@ def convert_checkpoint(
     repo_id: str | None = None,
     overwrite: bool = False,
     cache_dir: str | Path | None = None,
+    expected_sha256: str | None = None,
     log: Callable[[str], None] = print,
 ) -> ConversionReport:
     """Convert one official checkpoint (path, URL or table name) into a Hugging Face folder at ``output_dir``.
 
     The model name (size) comes from ``model_name``, else the file name, else the tensor shapes. With
     ``verify`` the model is checked against timm before anything is written; a failed check raises
-    ``VerificationError`` and leaves no folder.
+    ``VerificationError`` and leaves no folder. ``expected_sha256``: the file's SHA-256 must equal it, checked
+    before the file is read. The folder records the source and its SHA-256 in ``CONVERSION_MARKER`` and the card.
+    ``overwrite`` replaces only a folder an earlier conversion wrote (see ``check_output_dir``).
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise ValueError(f"{output_dir} already exists (pass --overwrite to replace it)")
+    if expected_sha256 is not None:
+        expected_sha256 = parse_sha256(expected_sha256)
+    local = Path(str(checkpoint))
+    check_output_dir(output_dir, source_path=local if local.is_file() else None, overwrite=overwrite)
     size, official = parse_model_name(model_name) if model_name else (None, None)
     path, source = resolve_checkpoint(checkpoint, cache_dir)
+    check_output_dir(output_dir, source_path=path, overwrite=overwrite)  # a cached file is a source too
     official = official or find_official_checkpoint(path)
     if size is None and official is None and not model_name:
         match = _FILE_NAME_PATTERN.search(path.name)
         size = match["size"] if match else None
         resolution = resolution or (int(match["resolution"]) if match and match["resolution"] else None)
     sha256 = sha256_of_file(path)
-    log(f"reading {path} (sha256 {sha256[:16]}...)")
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        raise ValueError(
+            f"{path} has SHA-256 {sha256}, not the expected {expected_sha256}: it is another file, or corrupted "
+            "(a flipped bit still loads, and timm would read the same wrong bytes); nothing was converted"
+        )
+    log(f"reading {path} (sha256 {sha256[:16]}...{', as expected' if expected_sha256 else ''})")
     converted = convert_state_dict(load_original_checkpoint(path), size=size, resolution=resolution, official=official)
     architecture = converted.architecture
     log(
@@ -917,7 +1231,17 @@ def convert_checkpoint(
             f"(fp32, input {report.verification.input_shape})"
         )
     facts = card_facts_for_conversion(converted, source, sha256, repo_id, verification_text)
-    write_output_folder(converted, output_dir, render_model_card(facts), overwrite=overwrite)
+    provenance = {
+        "source": source,
+        "source_path": str(path.resolve()),
+        "source_sha256": sha256,
+        "source_size_bytes": path.stat().st_size,
+        "layout": converted.layout.name,
+        "verification": verification_text,
+    }
+    write_output_folder(
+        converted, output_dir, render_model_card(facts), overwrite=overwrite, source_path=path, provenance=provenance
+    )
     log(f"wrote {output_dir}")
     return report
 
@@ -930,6 +1254,8 @@ __all__ = [
     "SPARSE_TO_DENSE_RULES",
     "VERIFICATION_TOLERANCE",
     "Architecture",
+    "CONVERSION_MARKER",
+    "ConversionInterrupted",
     "ConversionReport",
     "ConvertedCheckpoint",
     "Layout",
@@ -938,12 +1264,18 @@ __all__ = [
     "VerificationResult",
     "apply_key_rules",
     "card_facts_for_conversion",
+    "check_output_dir",
+    "check_state_dict",
     "convert_checkpoint",
     "convert_state_dict",
     "detect_layout",
     "infer_architecture",
+    "is_converted_folder",
     "load_original_checkpoint",
+    "parse_sha256",
     "push_folder_to_hub",
+    "read_conversion_marker",
+    "remove_stale_partials",
     "resolve_checkpoint",
     "sparse_kernel_to_dense",
     "verify_against_timm",

@@ -1,9 +1,10 @@
 """Conversion of official checkpoints: the table, the three layouts, verification against timm, bad inputs,
 model cards, convert-all and pushing to a local fake Hub.
 
-Checkpoints are synthetic: random weights written here in each official layout (key names and shapes as in
-OFFICIAL.md and the official code). The sparse (pretraining) layout is written from dense tensors with the
-inverse of the documented kernel remapping, so converting it back must reproduce the dense model.
+Checkpoints are synthetic: random weights written here in each official layout (key names and shapes as in the
+official code, github.com/facebookresearch/ConvNeXt-V2: models/convnextv2.py, models/convnextv2_sparse.py and
+models/fcmae.py). The sparse (pretraining) layout is written from dense tensors with the inverse of the
+documented kernel remapping, so converting it back must reproduce the dense model.
 """
 
 import argparse
@@ -39,6 +40,7 @@ from convnextv2_hf.checkpoints import (
     select_checkpoints,
 )
 from convnextv2_hf.conversion import (
+    CONVERSION_MARKER,
     FCMAE_ENCODER,
     FCMAE_PRETRAINING,
     FINETUNED,
@@ -345,6 +347,26 @@ def test_pretraining_checkpoint_converts_to_masked_image_modeling_with_its_decod
     assert torch.equal(model.decoder[0].grn.weight, sparse["decoder.0.grn.gamma"])
 
 
+def test_decoder_verification_masks_with_the_models_own_rule(monkeypatch):
+    # one home for the masking rule: the verification draws its mask with modeling's draw_mask, so a change to
+    # the rule cannot leave the conversion checking a different mask than the model uses
+    from convnextv2_hf import modeling_convnextv2
+
+    calls = []
+
+    def recording_draw_mask(noise, mask_ratio):
+        mask = modeling_convnextv2.draw_mask(noise, mask_ratio)
+        calls.append((tuple(noise.shape), mask_ratio, int(mask.sum())))
+        return mask
+
+    monkeypatch.setattr(conversion_module, "draw_mask", recording_draw_mask)
+    dense = official_pretraining(official_dense(CUSTOM, final_norm=False), decoder_width=32, decoder_depth=1)
+    args = argparse.Namespace(mask_ratio=0.5, norm_pix_loss=True, input_size=64)
+    converted = convert_state_dict(OriginalCheckpoint(dense, vars(args)))
+    assert verify_against_timm(converted, IMAGE_SIZE).max_abs_diff <= TOLERANCE
+    assert calls == [((2, 4), 0.5, 2 * 2)]  # 2x2 last-stage positions per image at 64 px, half of them removed
+
+
 @pytest.mark.parametrize("layout", [FINETUNED, FCMAE_ENCODER, FCMAE_PRETRAINING], ids=lambda layout: layout.name)
 def test_custom_shapes_are_read_off_the_tensors(layout):
     dense = official_dense(CUSTOM, num_classes=10 if layout is FINETUNED else None, final_norm=layout is FINETUNED)
@@ -397,10 +419,9 @@ def test_a_wrong_kernel_remapping_fails_verification_and_the_cli_writes_nothing(
         for p, r, f in conversion_module.SPARSE_TO_DENSE_RULES
     ]
     monkeypatch.setattr(conversion_module, "SPARSE_TO_DENSE_RULES", rules)
-    with pytest.raises(SystemExit, match="exceeds the tolerance") as failure:
-        cli.main(["--checkpoint", str(source), "--output-dir", str(tmp_path / "bad"), "--verify-image-size", "64"])
-    assert failure.value.code != 0
-    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob("*.partial"))
+    code = cli.main(["--checkpoint", str(source), "--output-dir", str(tmp_path / "bad"), "--verify-image-size", "64"])
+    assert code == 2 and re.match(r"error: .*exceeds the tolerance", capsys.readouterr().err)
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".*.partial"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -472,12 +493,13 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("kind", BAD_INPUTS)
-def test_bad_input_exits_non_zero_with_a_message_and_writes_nothing(kind, tmp_path):
+def test_bad_input_exits_2_with_a_message_and_writes_nothing(kind, tmp_path, capsys):
     source = _write_bad_input(kind, tmp_path / "checkpoint.pt")
     cli = load_script("convert_convnextv2_to_hf")
-    with pytest.raises(SystemExit) as failure:
-        cli.main(["--checkpoint", str(source), "--output-dir", str(tmp_path / "out"), "--verify-image-size", "64"])
-    assert re.search(BAD_INPUTS[kind], str(failure.value.code)), failure.value.code
+    code = cli.main(["--checkpoint", str(source), "--output-dir", str(tmp_path / "out"), "--verify-image-size", "64"])
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("error: ") and "Traceback" not in error
+    assert re.search(BAD_INPUTS[kind], error), error
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
     assert not source.with_suffix(".ran").exists()  # the pickle's code never ran
 
@@ -495,10 +517,10 @@ def test_a_failure_while_writing_leaves_no_folder(tmp_path, monkeypatch):
     source = save_official(tmp_path / "custom.pt", official_dense(CUSTOM, num_classes=10))
 
     def broken(*args, **kwargs):
-        raise OSError("disk full")
+        raise RuntimeError("the card renderer broke")  # stands for any failure inside the staging folder
 
     monkeypatch.setattr(ModelCard, "save", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RuntimeError, match="renderer broke"):
         convert_checkpoint(source, tmp_path / "out", verify=False, log=lambda line: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.pt"]
 
@@ -518,7 +540,7 @@ def test_official_names_resolve_through_the_cache_and_nothing_is_downloaded_offl
 
 
 def test_committed_model_cards_parse_and_are_what_the_generator_writes(tmp_path):
-    assert MODEL_CARD_TEMPLATE == REPO / "model_cards" / "template.md"
+    assert MODEL_CARD_TEMPLATE.is_file()
     regenerated = write_model_cards(tmp_path)
     assert len(regenerated) == 26
     for path in regenerated:
@@ -627,6 +649,7 @@ def test_cli_pushes_to_a_local_hub_and_pushing_again_changes_nothing(tmp_path, h
     files = repo.branches["main"]
     assert repo.private and len(repo.commits) == 1 and "pushed" in run.stdout
     assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json"} <= set(files)
+    assert CONVERSION_MARKER not in files and (tmp_path / "out" / CONVERSION_MARKER).is_file()  # stays local
     for name, content in files.items():
         assert content == (tmp_path / "out" / name).read_bytes()
     assert ModelCard(files["README.md"].decode()).data.license == "cc-by-nc-4.0"
