@@ -1,5 +1,5 @@
 """Regenerate the committed model cards (``model_cards/<repo name>.md``) of the 26 official checkpoints from
-``model_cards/template.md`` and the checkpoint table.
+the package's ``convnextv2_hf/model_card_template.md`` and the checkpoint table.
 
     python conversion_scripts/generate_model_cards.py [--output-dir model_cards] [--namespace convnextv2-hf]
 """

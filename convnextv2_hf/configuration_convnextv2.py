@@ -326,6 +326,8 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
                 f"model_type={cls.model_type!r}"
             )
         field_names = {field.name for field in fields(cls)} | set(cls.attribute_map)
+        # dtype / torch_dtype (e.g. pipeline()'s "auto") are transformers' to resolve, as it does for every config
+        field_names -= {"dtype", "torch_dtype"}
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in field_names}
         if overrides:
             config_dict = {**config_dict, **overrides}

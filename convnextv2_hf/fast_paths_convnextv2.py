@@ -234,10 +234,9 @@ class GeluGrnLinear(torch.autograd.Function):
         if not (needs_h or needs_gamma or needs_beta):
             return (None, None, None, grad_weight, grad_bias) + no_grad_for_the_rest
         grad_grn_output = (grad_flat @ weight.to(grad_flat.dtype)).view(h.shape).to(dtype)
-        flat_positions = (h.shape[0], -1, channels)
         grad_beta = grad_grn_output.reshape(-1, channels).sum(dim=0, dtype=accumulate).reshape(beta.shape)
         # d loss / d scale: (N, C)
-        grad_scale = (grad_grn_output * activated).reshape(flat_positions).sum(dim=1, dtype=accumulate)
+        grad_scale = (grad_grn_output * activated).flatten(1, -2).sum(dim=1, dtype=accumulate)
         grad_gamma = (grad_scale * relative).sum(dim=0).reshape(gamma.shape)
         # relative = norm / (mean over channels of norm + eps)
         grad_relative = grad_scale * gamma.reshape(-1)
