@@ -2,9 +2,10 @@
 
 Official eval transform (``build_transform`` in the official repository's ``datasets.py``): ImageNet default
 mean/std, bicubic; for size < 384 the shorter side is resized to int(size / crop_pct) (crop_pct 0.875) and the
-centre size x size is cropped; for size >= 384 the image is resized straight to size x size (warp).
-transformers' ConvNeXt processors implement exactly this resize rule but default to mean/std 0.5 and 384 px, and place the centre crop one pixel off the official
-one when the margin is odd. Ours subclass them, changing the defaults and the crop placement.
+centre size x size is cropped; for size >= 384 the image is resized straight to size x size (warp). transformers'
+ConvNeXt processors implement exactly this resize rule but default to mean/std 0.5 and 384 px, and place the centre
+crop one pixel off the official one when the margin is odd. Ours subclass them, changing the defaults and the crop
+placement.
 
 Input images, checked one by one before processing (``prepare_images``); a bad one raises ``ValueError``
 "image I of N: ..." naming its index:
