@@ -11,7 +11,9 @@ version = next(
 extras = {
     "training": ["datasets>=3", "accelerate>=1.0", "evaluate>=0.4"],
     # tests need the training stack plus timm (parity), scikit-image (real photos), scikit-learn (digits),
-    # peft (LoRA adapters on the block linears) and setuptools >= 77 (the packaging test builds the wheel offline)
+    # peft (LoRA adapters on the block linears), setuptools >= 77 (the packaging test builds the wheel offline),
+    # onnx/onnxscript/onnxruntime (the dynamo ONNX export, run in onnxruntime) and parameterized (transformers' own
+    # model tests, `make transformers-suite`)
     "dev": [
         "pytest>=8",
         "timm>=1.0",
@@ -20,6 +22,10 @@ extras = {
         "scikit-learn>=1.3",
         "peft>=0.13",
         "setuptools>=77",
+        "onnx>=1.16",
+        "onnxscript>=0.2",
+        "onnxruntime>=1.18",
+        "parameterized>=0.9",
     ],
 }
 extras["dev"] += extras["training"]
