@@ -616,24 +616,67 @@ def check_classification_labels(labels: torch.Tensor, logits: torch.Tensor, conf
         )
 
 
-def image_classification_loss(logits: torch.Tensor, labels: torch.Tensor, config: ConvNextV2Config) -> torch.Tensor:
+def share_of_step_loss(
+    loss_sum: torch.Tensor, num_items_in_batch: torch.Tensor | int, batch_items: torch.Tensor | int
+) -> torch.Tensor:
+    """``loss_sum / num_items_in_batch``: this batch's share of the mean loss over a whole optimizer step.
+
+    ``num_items_in_batch`` counts the items (``labels`` entries other than -100, the Trainer's rule) of every
+    accumulation micro-batch and every process of the step; ``batch_items`` is this batch's own count, part of it.
+    The shares of the micro-batches add up to the mean over all of them whatever their sizes; across processes the
+    Trainer multiplies each loss by the world size and DDP averages the gradients, which again gives the mean.
+    ``ValueError`` when the count is smaller than this batch's (it was then not counted over the step).
+    """
+    total = torch.as_tensor(num_items_in_batch, device=loss_sum.device)
+    if total.numel() != 1 or bool(total.reshape(()) < batch_items):
+        raise ValueError(
+            f"num_items_in_batch ({total.tolist()}) must be one number counting the items of the whole optimizer "
+            f"step (accumulation micro-batches and processes), at least this batch's {int(batch_items)}"
+        )
+    return loss_sum / total.reshape(())
+
+
+def image_classification_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    config: ConvNextV2Config,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
     """Cross-entropy for class indices and for soft labels (N, num_labels) such as MixUp/CutMix targets; MSE for
-    ``problem_type="regression"``; BCE for ``problem_type="multi_label_classification"``. Labels are checked first."""
+    ``problem_type="regression"``; BCE for ``problem_type="multi_label_classification"``. Labels are checked first.
+
+    Without ``num_items_in_batch``: the mean over this batch (as transformers' built-in model). With it (the
+    Trainer's count of label entries over the optimizer step, see ``share_of_step_loss``): the sum over this batch
+    divided by it, so accumulation and several processes give the whole batch's mean. The Trainer counts every entry
+    of a soft-label row, ``num_labels`` per example, so a row's cross-entropy is weighted by ``num_labels`` too;
+    the per-entry MSE/BCE losses count one per label entry already. (A regression target of exactly -100 is one
+    the Trainer leaves out of its count.)
+    """
     check_classification_labels(labels, logits, config)
+    reduction = "mean" if num_items_in_batch is None else "sum"
     problem_type = config.problem_type
     if problem_type == "regression" or (problem_type is None and config.num_labels == 1):
-        return F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float())
-    if problem_type == "multi_label_classification":
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.to(logits.dtype).float())
-    if labels.is_floating_point():
-        return torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-    return F.cross_entropy(logits.float().view(-1, config.num_labels), labels.view(-1))
+        loss = F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float(), reduction=reduction)
+    elif problem_type == "multi_label_classification":
+        loss = F.binary_cross_entropy_with_logits(
+            logits.float(), labels.to(logits.dtype).float(), reduction=reduction
+        )
+    elif labels.is_floating_point():
+        per_example = torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1)
+        loss = per_example.mean() if num_items_in_batch is None else per_example.sum() * labels.shape[-1]
+    else:
+        loss = F.cross_entropy(logits.float().view(-1, config.num_labels), labels.view(-1), reduction=reduction)
+    if num_items_in_batch is None:
+        return loss
+    return share_of_step_loss(loss, num_items_in_batch, labels.ne(-100).sum())
 
 
 class ConvNextV2ForImageClassification(ConvNextV2PreTrainedModel):
     """ConvNeXt V2 with a linear classifier on the pooled features."""
 
-    accepts_loss_kwargs = False
+    # forward normalises its loss by the Trainer's num_items_in_batch (sum / count over the optimizer step), so the
+    # Trainer must pass it and not divide by the accumulation steps: exact with uneven micro-batches and processes
+    accepts_loss_kwargs = True
 
     def __init__(self, config: ConvNextV2Config):
         super().__init__(config)
@@ -646,16 +689,22 @@ class ConvNextV2ForImageClassification(ConvNextV2PreTrainedModel):
 
     @can_return_tuple
     def forward(
-        self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs,
     ) -> ImageClassifierOutputWithNoAttention:
         """
         pixel_values: (N, num_channels, H, W), any H, W >= 32.
         labels: (N,) class indices, (N, num_labels) soft labels (e.g. MixUp/CutMix), or regression targets.
+        num_items_in_batch: the Trainer's count of label entries over the whole optimizer step; the loss is then this
+            batch's share of the step's mean (see ``image_classification_loss``), else this batch's mean.
         Returns ``logits`` (N, num_labels), ``loss`` when labels are given, and ``hidden_states`` when asked.
         """
         outputs = self.convnextv2(pixel_values, **kwargs)
         logits = self.classifier(outputs.pooler_output)
-        loss = None if labels is None else image_classification_loss(logits, labels, self.config)
+        loss = None if labels is None else image_classification_loss(logits, labels, self.config, num_items_in_batch)
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
@@ -715,10 +764,19 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
     """FCMAE: the ConvNeXt V2 encoder sees only the visible patches; a light ConvNeXt V2 decoder fills in a learned
     mask token at removed patches and predicts their pixels.
 
+    With ``FCMAECollator``'s ``labels`` (the mask, -100 at kept patches) the Trainer counts the removed patches of
+    each optimizer step into ``num_items_in_batch`` and the loss is this batch's share of their mean, so gradient
+    accumulation and several processes equal one process on the whole batch, uneven micro-batches included. Without
+    labels the Trainer has no count: it divides each batch's mean by the accumulation steps, exact when micro-batches
+    hold the same number of images (``dataloader_drop_last=True``); ``compute_loss_func=fcmae_loss`` gets the count
+    from the collator's labels instead.
+
     The encoder is a full ``ConvNextV2Model`` under ``convnextv2.`` so its weights load straight into the classifier
     for fine-tuning; its final LayerNorm is not used by FCMAE and is kept frozen so that distributed training finds no
     unused trainable parameter.
     """
+
+    accepts_loss_kwargs = True  # see above: the loss is normalised by num_items_in_batch when labels count it
 
     def __init__(self, config: ConvNextV2Config):
         super().__init__(config)
@@ -800,12 +858,21 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         image = self.unpatchify(tiles, (height * stride, width * stride), patch_size=stride)
         return self.patchify(image)
 
-    def forward_loss(self, pixel_values: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_loss(
+        self,
+        pixel_values: torch.Tensor,
+        logits: torch.Tensor,
+        mask: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
         """Mean over removed patches of the per-patch MSE against the (normalised) target pixels; 0 when no patch is
-        removed (never 0/0)."""
+        removed (never 0/0). With ``num_items_in_batch``, the removed patches of the whole optimizer step: the sum
+        over this batch's removed patches divided by it (this batch's share of the step's mean)."""
         target, _, _ = self.pixel_targets(pixel_values)
         per_patch = (logits.float() - target).pow(2).mean(dim=-1)
         mask = mask.to(per_patch.dtype)
+        if num_items_in_batch is not None:
+            return share_of_step_loss((per_patch * mask).sum(), num_items_in_batch, mask.sum())
         return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
 
     def _check_bool_masked_pos(self, bool_masked_pos: torch.Tensor, batch: int, num_patches: int, image) -> None:
@@ -832,6 +899,8 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         noise: torch.Tensor | None = None,
         output_hidden_states: bool | list[int] | None = None,
         return_loss: bool = True,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> ConvNextV2MaskedImageModelingOutput:
         """
@@ -840,6 +909,12 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
             mask_patch_size). Without it a random mask is drawn (reproducible through ``noise``, (N, L), smallest
             kept).
         return_loss: always computed; the argument tells the Trainer that evaluation gets an ``eval_loss``.
+        labels: optional (N, L), ``FCMAECollator``'s mask: -100 at kept patches, anything else at removed ones; it
+            must match the mask used. It tells that ``num_items_in_batch`` counts removed patches.
+        num_items_in_batch: the Trainer's count of ``labels`` entries other than -100 over the whole optimizer step
+            (accumulation micro-batches and processes). With ``labels`` the loss is the sum over this batch's removed
+            patches divided by it; otherwise it is ignored and the loss is this batch's mean (``fcmae_loss`` takes
+            the labels away and rescales that mean itself).
         """
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
@@ -872,7 +947,16 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
 
         logits = self.forward_decoder(latent, bool_masked_pos)
         mask = bool_masked_pos.to(logits.dtype)
-        loss = self.forward_loss(pixel_values, logits, mask)
+        if labels is not None:  # what the Trainer counted into num_items_in_batch must be the mask used here
+            if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(bool_masked_pos.shape):
+                shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+                raise ValueError(f"labels must be the (batch, patches) = {(batch, num_patches)} mask, got {shape}")
+            if not torch.equal(labels.ne(-100), bool_masked_pos):
+                raise ValueError(
+                    "labels (-100 at kept patches) do not mark the removed patches of this mask; take both from "
+                    "FCMAECollator (its noise and labels) so num_items_in_batch counts the patches the loss sums"
+                )
+        loss = self.forward_loss(pixel_values, logits, mask, None if labels is None else num_items_in_batch)
         return ConvNextV2MaskedImageModelingOutput(loss=loss, logits=logits, mask=mask, hidden_states=hidden_states)
 
 

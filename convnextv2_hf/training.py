@@ -202,8 +202,10 @@ class FCMAECollator:
 
     Adds ``noise`` (the model turns it into the mask) and ``labels``: the same mask as (N, L) with 1 at removed
     and -100 at kept patches. The Trainer counts the non -100 labels over the accumulated and gathered batch
-    into ``num_items_in_batch``, which ``fcmae_loss`` divides by; the labels never reach the model. An example
-    may carry its own ``noise`` (L,) for a reproducible mask.
+    into ``num_items_in_batch``, the removed patches of the optimizer step. The loss is divided by that count either
+    way: by ``fcmae_loss`` (``compute_loss_func``, which takes the labels), or else by the model, which receives the
+    labels, checks them against its mask and sums its loss over that count. An example may carry its own
+    ``noise`` (L,) for a reproducible mask.
     """
 
     def __init__(self, config: ConvNextV2Config, image_size: int | tuple[int, int]):
@@ -233,11 +235,18 @@ def fcmae_loss(outputs, labels=None, num_items_in_batch=None) -> torch.Tensor:
 
     The Trainer multiplies by the world size and DDP averages gradients over processes, so a step equals one
     process on the whole global batch. Without ``num_items_in_batch`` (no ``FCMAECollator`` labels) it is the
-    model's own loss, the mean over this batch's removed patches.
+    model's own loss, the mean over this batch's removed patches. ``outputs.loss`` is that mean here: the model
+    divides by ``num_items_in_batch`` only when it gets the labels too, and the Trainer took them for this function.
+    ``labels`` that count other patches than ``outputs.mask`` removes are a ``ValueError``.
     """
     removed = outputs.mask.sum()
     if num_items_in_batch is None:
         return outputs.loss
+    if labels is not None and int(labels.ne(-100).sum()) != int(removed):
+        raise ValueError(
+            f"labels count {int(labels.ne(-100).sum())} removed patches but the model removed {int(removed)}; "
+            "pass the collator's noise to the model so both use the same mask"
+        )
     return outputs.loss * removed / num_items_in_batch
 
 
