@@ -31,7 +31,7 @@ SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def official_name(name: str) -> str:
-    """Our parameter name -> the official repository's name (OFFICIAL.md, "Checkpoint files")."""
+    """Our parameter name -> the official name (the modules of models/convnextv2.py in the official repository)."""
     name = name.removeprefix("convnextv2.")
     if name.startswith("embeddings.patch_embeddings."):
         return "downsample_layers.0.0." + name.split(".")[-1]
@@ -184,6 +184,29 @@ def test_layer_decay_on_upernet_gives_the_backbone_official_ids_and_the_heads_sc
     assert kwargs["params"][0]["lr"] == pytest.approx(1e-3) and min(g["lr"] for g in kwargs["params"]) == pytest.approx(
         1e-3 * d**12
     )
+
+
+def test_layer_decay_on_mask2former_finds_the_backbone_under_its_encoder_attribute():
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    backbone = ConvNextV2Config(
+        depths=[1, 1, 2, 1], hidden_sizes=[16, 32, 64, 128], out_features=["stage1", "stage2", "stage3", "stage4"]
+    )
+    model = Mask2FormerForUniversalSegmentation(
+        Mask2FormerConfig(
+            backbone_config=backbone, num_labels=3, hidden_dim=32, feature_size=32, mask_feature_size=32,
+            encoder_feedforward_dim=64, dim_feedforward=64, num_queries=8, decoder_layers=2, encoder_layers=1,
+            num_attention_heads=4,
+        )
+    )  # fmt: skip
+    table = scales_and_decays(model, 0.5)  # depths sum 5: ids 1 .. 6
+    # Mask2Former calls the backbone "encoder": the blocks sit at ...encoder.encoder.stages.*
+    backbone_prefix = "model.pixel_level_module.encoder."
+    assert table[backbone_prefix + "embeddings.patch_embeddings.weight"][0] == pytest.approx(0.5**5)
+    assert table[backbone_prefix + "encoder.stages.2.layers.1.dwconv.weight"][0] == pytest.approx(0.5**2)  # id 4
+    assert table[backbone_prefix + "encoder.stages.3.layers.0.pwconv1.weight"][0] == pytest.approx(0.5)  # id 5
+    others = [n for n in table if not n.startswith((backbone_prefix + "embeddings.", backbone_prefix + "encoder."))]
+    assert len(others) > 50 and all(table[n][0] == 1.0 for n in others)  # pixel decoder, transformer, class head
 
 
 def test_layer_decay_on_a_peft_lora_classifier_follows_the_wrapped_blocks():
