@@ -14,7 +14,7 @@ path the residual stream of each stage is the visible positions gathered per sam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +153,7 @@ class ConvNextV2DropPath(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@runtime_checkable
 class StageMask(Protocol):
     """The FCMAE mask of one stage: where the dense (paper) and sparse encoders differ, and only there."""
 
@@ -633,7 +634,7 @@ def share_of_step_loss(
             f"num_items_in_batch ({total.tolist()}) must be one number counting the items of the whole optimizer "
             f"step (accumulation micro-batches and processes), at least this batch's {int(batch_items)}"
         )
-    return loss_sum / total.reshape(())
+    return loss_sum / total.reshape(()).clamp(min=1)  # a step of no items has a zero sum: 0, not 0/0
 
 
 def image_classification_loss(
@@ -653,6 +654,8 @@ def image_classification_loss(
     the Trainer leaves out of its count.)
     """
     check_classification_labels(labels, logits, config)
+    if logits.shape[0] == 0:  # an empty batch: a zero loss, where a mean over nothing would be 0/0
+        return logits.float().sum() * 0.0
     reduction = "mean" if num_items_in_batch is None else "sum"
     problem_type = config.problem_type
     if problem_type == "regression" or (problem_type is None and config.num_labels == 1):

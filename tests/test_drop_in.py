@@ -145,3 +145,11 @@ def test_soft_labels_that_are_distributions_are_accepted():
     labels = torch.softmax(torch.randn(2, 5), dim=-1)
     loss = ours(torch.randn(2, 3, 64, 64), labels=labels).loss
     assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_an_empty_batch_with_labels_has_a_zero_loss_not_nan():
+    ours, _ = pair("classifier")
+    output = ours(torch.randn(0, 3, 64, 64), labels=torch.zeros(0, dtype=torch.long))
+    assert output.loss.item() == 0.0
+    output = ours(torch.randn(0, 3, 64, 64), labels=torch.zeros(0, dtype=torch.long), num_items_in_batch=0)
+    assert output.loss.item() == 0.0

@@ -278,3 +278,19 @@ def test_grn_fold_in_half_precision_is_close_to_fp32(dtype, device):
     assert torch.isfinite(folded).all()
     assert max_diff(folded, expected) / scale < 3e-2
     assert max_diff(folded, expected) <= 2 * max_diff(plain, expected) + 1e-2 * scale
+
+
+def test_a_block_reads_as_the_reference_and_the_masks_share_one_interface():
+    import inspect
+
+    from convnextv2_hf import modeling_convnextv2 as modeling
+
+    forward = inspect.getsource(modeling.ConvNextV2Layer.forward)
+    assert "self.pwconv2(self.grn(self.act(features), visible))" in forward
+    assert "self.pwconv1(self.layernorm(features))" in forward
+    source = inspect.getsource(modeling)
+    assert "is_sparse" not in source and "autograd.Function" not in source  # the fast paths live elsewhere
+    masks = modeling.build_stage_masks(torch.rand(2, 4) > 0.5, (2, 2), tiny_config(fcmae_impl="dense"))
+    masks += modeling.build_stage_masks(torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0]]).bool(), (2, 2), tiny_config())
+    assert {type(mask).__name__ for mask in masks} == {"DenseStageMask", "SparseStageMask"}
+    assert all(isinstance(mask, modeling.StageMask) for mask in masks)
