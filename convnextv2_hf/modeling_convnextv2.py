@@ -14,6 +14,7 @@ path the residual stream of each stage is the visible positions gathered per sam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -496,6 +497,23 @@ class ConvNextV2PreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, ConvNextV2ForMaskedImageModeling):
             init.normal_(module.mask_token, std=0.02)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As transformers' ``from_pretrained``; a local folder's safetensors files are checked first, so a truncated
+        or corrupt weights file is a ``ValueError`` naming it (transformers' own error names no file)."""
+        folder = Path(str(pretrained_model_name_or_path))
+        if folder.is_dir():
+            from safetensors import safe_open
+
+            for path in sorted(folder.glob("*.safetensors")):
+                try:
+                    with safe_open(str(path), framework="pt"):
+                        pass
+                except Exception as error:  # SafetensorError (header cut short, bad length), OSError
+                    message = f"{path} is not a complete safetensors file ({error}); is it truncated?"
+                    raise ValueError(message) from error
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as usual; config.json also gets an ``auto_map`` for every class here, and the configuration, modeling

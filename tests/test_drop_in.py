@@ -153,3 +153,15 @@ def test_an_empty_batch_with_labels_has_a_zero_loss_not_nan():
     assert output.loss.item() == 0.0
     output = ours(torch.randn(0, 3, 64, 64), labels=torch.zeros(0, dtype=torch.long), num_items_in_batch=0)
     assert output.loss.item() == 0.0
+
+
+@pytest.mark.parametrize("keep", [0.5, 5], ids=["half", "five-bytes"])
+def test_a_truncated_weights_file_is_a_value_error_naming_it(tmp_path, keep):
+    ConvNextV2ForImageClassification(tiny_config()).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * keep) if keep < 1 else keep])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a complete safetensors file"):
+        ConvNextV2ForImageClassification.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a complete safetensors file"):
+        transformers.AutoModelForImageClassification.from_pretrained(tmp_path)
