@@ -197,6 +197,18 @@ def layer_decay_optimizer(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def mask_noise(num_patches: int, seed: int, index: int, epoch: int | None = None) -> torch.Tensor:
+    """The FCMAE mask noise (L,) of one example, a function of (seed, epoch, index) only: the same wherever and
+    whenever it is drawn (any process count, worker, resumed run). ``epoch=None`` gives the evaluation masks,
+    which stay fixed across epochs. ``draw_mask`` turns it into the mask (smallest noise kept)."""
+    import hashlib
+
+    # a 63-bit hash of the three keys seeds a private generator; the global RNG is left alone
+    key = f"fcmae-mask/{seed}/{'eval' if epoch is None else int(epoch)}/{int(index)}".encode()
+    generator_seed = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+    return torch.rand(num_patches, generator=torch.Generator().manual_seed(generator_seed))
+
+
 class FCMAECollator:
     """Batch ``pixel_values`` for FCMAE and draw each image's mask.
 
@@ -204,29 +216,79 @@ class FCMAECollator:
     and -100 at kept patches. The Trainer counts the non -100 labels over the accumulated and gathered batch
     into ``num_items_in_batch``, the removed patches of the optimizer step. The loss is divided by that count either
     way: by ``fcmae_loss`` (``compute_loss_func``, which takes the labels), or else by the model, which receives the
-    labels, checks them against its mask and sums its loss over that count. An example may carry its own
-    ``noise`` (L,) for a reproducible mask.
+    labels, checks them against its mask and sums its loss over that count.
+
+    Where each mask comes from, per example:
+    - its own ``noise`` (L,), when it carries one;
+    - with ``seed`` set: ``mask_noise(L, seed, index, epoch)`` from the example's ``index`` (see
+      ``transforms.with_example_index``) and ``self.epoch`` (kept current by ``FCMAEMaskEpochCallback``), so a
+      mask depends only on (seed, epoch, index) and a resumed run draws the masks of the uninterrupted one.
+      Examples marked ``fixed_mask=True`` (evaluation sets) take ``epoch=None``: the same mask at every
+      evaluation;
+    - else uniform noise from the global RNG.
+    Examples whose ``pixel_values`` is ``None`` (images skipped as unreadable) are left out of the batch.
     """
 
-    def __init__(self, config: ConvNextV2Config, image_size: int | tuple[int, int]):
+    def __init__(self, config: ConvNextV2Config, image_size: int | tuple[int, int], seed: int | None = None):
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         patch = config.mask_patch_size
         if height % patch or width % patch:
             raise ValueError(f"image size {height}x{width} is not a multiple of mask_patch_size={patch}")
         self.num_patches = (height // patch) * (width // patch)
         self.mask_ratio = config.mask_ratio
+        self.seed = seed
+        self.epoch = 0
+
+    def example_noise(self, example: dict) -> torch.Tensor:
+        """The mask noise (L,) of one example (see the class docstring)."""
+        if "noise" in example:
+            return torch.as_tensor(example["noise"])
+        if self.seed is None:
+            return torch.rand(self.num_patches)
+        if "index" not in example:
+            raise ValueError(
+                "FCMAECollator(seed=...) derives masks from each example's 'index'; wrap the dataset with "
+                "convnextv2_hf.transforms.with_example_index (or give examples their own 'noise')"
+            )
+        epoch = None if example.get("fixed_mask", False) else self.epoch
+        return mask_noise(self.num_patches, self.seed, example["index"], epoch)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        pixel_values = torch.stack([torch.as_tensor(example["pixel_values"]) for example in examples])
-        noise = torch.stack(
-            [
-                torch.as_tensor(example["noise"]) if "noise" in example else torch.rand(self.num_patches)
-                for example in examples
-            ]
-        )
+        readable = [example for example in examples if example.get("pixel_values") is not None]
+        if not readable:
+            raise ValueError(f"every image of this batch of {len(examples)} was skipped as unreadable")
+        pixel_values = torch.stack([torch.as_tensor(example["pixel_values"]) for example in readable])
+        noise = torch.stack([self.example_noise(example) for example in readable])
         removed = draw_mask(noise, self.mask_ratio)
         labels = torch.where(removed, 1, -100)
         return {"pixel_values": pixel_values, "noise": noise, "labels": labels}
+
+
+class FCMAEMaskEpochCallback(TrainerCallback):
+    """Keeps ``collator.epoch`` at the Trainer's epoch, so ``FCMAECollator(seed=...)`` masks follow
+    (seed, epoch, index). At the first epoch of a ``train()`` call it reads the (possibly resumed) state's epoch;
+    each later epoch counts one up (a streamed epoch may end early, leaving ``state.epoch`` mid-way).
+
+    The collator runs where the DataLoader builds batches. Workers started for each epoch copy the new value;
+    persistent workers would keep the first, so they are refused.
+    """
+
+    def __init__(self, collator: FCMAECollator):
+        self.collator = collator
+        self._first_epoch = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
+            raise ValueError(
+                "FCMAEMaskEpochCallback cannot reach persistent DataLoader workers; drop "
+                "--dataloader_persistent_workers (workers then restart each epoch with the current epoch)"
+            )
+        self._first_epoch = True
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is `epoch + fraction done`; exact at epoch boundaries (n / n == 1.0 in floating point)
+        self.collator.epoch = int(state.epoch or 0) if self._first_epoch else self.collator.epoch + 1
+        self._first_epoch = False
 
 
 def fcmae_loss(outputs, labels=None, num_items_in_batch=None) -> torch.Tensor:
@@ -474,6 +536,7 @@ class FCMAEReconstructionCallback(TrainerCallback):
 __all__ = [
     "EMACallback",
     "FCMAECollator",
+    "FCMAEMaskEpochCallback",
     "FCMAEReconstructionCallback",
     "check_safetensors_files",
     "fcmae_loss",
@@ -481,6 +544,7 @@ __all__ = [
     "layer_decay_optimizer",
     "layer_decay_param_groups",
     "layer_id",
+    "mask_noise",
     "resume_checkpoint",
     "resumed_checkpoint",
     "skips_weight_decay",

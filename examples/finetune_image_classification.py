@@ -5,45 +5,44 @@
         --num_train_epochs 100 --per_device_train_batch_size 64 --eval_strategy epoch
     torchrun --nproc_per_node 8 examples/finetune_image_classification.py ...   # or accelerate launch
 
-``--recipe atto|tiny|base`` fills every hyper-parameter you do not give with the official value (layer decay
-and its type, weight decay, drop path, MixUp/CutMix, label smoothing, EMA, base lr). Without
-``--model_name_or_path`` the model starts from random weights (``--model_size``). Data: image folders
-(``--train_dir``/``--validation_dir``, or one ``--data_dir`` with train/validation sub-folders, or a flat
-class folder split by ``--validation_fraction``) or a ``datasets`` dataset (``--dataset_name``).
+``--recipe atto|tiny|base`` sets every part of the official fine-tuning recipe that you do not give: epochs,
+warm-up epochs, the cosine schedule down to ``min_lr``, ``lr = base_learning_rate * total batch / 256``, layer
+decay and its type, weight decay (not on biases, 1-D parameters, GRN gamma/beta), drop path, EMA, MixUp/CutMix,
+label smoothing and random erasing. Any flag given explicitly wins. The effective values are logged at the start
+and listed in the model card. Without ``--model_name_or_path`` the model starts from random weights
+(``--model_size``). Data: image folders (``--train_dir``/``--validation_dir``, or one ``--data_dir`` with
+train/validation sub-folders, or a flat class folder split by ``--validation_fraction``) or a ``datasets``
+dataset (``--dataset_name``). ``--skip_corrupt_images`` skips unreadable images with a warning instead of stopping
+at the first one.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+import transformers
+from transformers import HfArgumentParser, Trainer, set_seed
 
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification, ConvNextV2ImageProcessor
 from convnextv2_hf.configuration_convnextv2 import PRESETS
 from convnextv2_hf.metrics import load_top_k_accuracy
-from convnextv2_hf.recipes import FINETUNE_COMMON, FINETUNE_RECIPES, scaled_learning_rate
+from convnextv2_hf.recipes import FINETUNE_HEAD_INIT_STD, FinetuneTrainingArguments, create_model_card
 from convnextv2_hf.training import EMACallback, layer_decay_optimizer
 from convnextv2_hf.transforms import MixUpCutMixCollator, finetuning_transform, with_image_transform
 
-# used where neither the command line nor a recipe gives a value
-DEFAULTS = dict(blr=2e-4, layer_decay=0.9, layer_decay_type="single", weight_decay=0.05, drop_path=0.1,
-                mixup=0.0, cutmix=0.0, label_smoothing=0.1, ema_decay=0.0, random_erasing=0.25)  # fmt: skip
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "FCMAE, encoder or classifier folder"})
     model_size: str = field(default="atto", metadata={"help": f"for random initialisation: one of {list(PRESETS)}"})
-    recipe: str | None = field(default=None, metadata={"help": f"official defaults: {list(FINETUNE_RECIPES)}"})
-    layer_decay: float | None = None
-    layer_decay_type: str | None = field(default=None, metadata={"help": "single or group"})
-    drop_path_rate: float | None = None
-    ema_decay: float | None = field(default=None, metadata={"help": "0 disables EMA; official 0.9999"})
     ema_for_final_save: bool = field(default=False, metadata={"help": "save the EMA weights as the model"})
-    head_init_std: float = field(default=FINETUNE_COMMON["head_init_std"], metadata={"help": "new head init std"})
+    head_init_std: float = field(default=FINETUNE_HEAD_INIT_STD, metadata={"help": "new head init std"})
 
 
 @dataclass
@@ -56,29 +55,23 @@ class DataArguments:
     image_column: str = "image"
     label_column: str = "label"
     image_size: int = 224
-    base_learning_rate: float | None = field(default=None, metadata={"help": "lr = blr * total batch / 256"})
-    mixup: float | None = None
-    cutmix: float | None = None
-    label_smoothing: float | None = None
     rand_augment_magnitude: int = 9
-    random_erasing: float | None = None
     horizontal_flip: bool = True
+    skip_corrupt_images: bool = field(
+        default=False, metadata={"help": "skip unreadable images with a warning instead of stopping"}
+    )
 
 
-def resolve(value, name: str, recipe: dict):
-    """The command-line value, else the recipe's, else the default."""
-    if value is not None:
-        return value
-    return recipe.get(name, DEFAULTS[name])
+def parse_arguments(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, FinetuneTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    check_arguments(model_args, data_args)
+    return model_args, data_args, training_args
 
 
-def check_arguments(model_args: ModelArguments, data_args: DataArguments, layer_decay: float) -> None:
+def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
     if model_args.model_name_or_path is None and model_args.model_size not in PRESETS:
         raise ValueError(f"unknown model size {model_args.model_size!r}; choose one of {list(PRESETS)}")
-    if model_args.recipe is not None and model_args.recipe not in FINETUNE_RECIPES:
-        raise ValueError(f"unknown recipe {model_args.recipe!r}; recipes exist for {list(FINETUNE_RECIPES)}")
-    if not 0.0 < layer_decay <= 1.0:
-        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
     sources = [data_args.train_dir, data_args.data_dir, data_args.dataset_name]
     if sum(source is not None for source in sources) != 1:
         raise ValueError("give exactly one of --train_dir, --data_dir and --dataset_name")
@@ -141,53 +134,41 @@ def build_model(model_args: ModelArguments, labels: list[str], drop_path_rate: f
     return model
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    recipe = FINETUNE_RECIPES.get(model_args.recipe, {}) if model_args.recipe else {}
-    layer_decay = resolve(model_args.layer_decay, "layer_decay", recipe)
-    check_arguments(model_args, data_args, layer_decay)
-    given = " ".join(argv if argv is not None else sys.argv)
-    if "--learning_rate" not in given:
-        total_batch = (
-            training_args.per_device_train_batch_size
-            * training_args.gradient_accumulation_steps
-            * max(1, training_args.world_size)
-        )
-        training_args.learning_rate = scaled_learning_rate(
-            resolve(data_args.base_learning_rate, "blr", recipe), total_batch
-        )
-    if "--weight_decay" not in given:
-        training_args.weight_decay = resolve(None, "weight_decay", recipe)
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args) -> Trainer:
+    """The model, data, collator, optimizer and callbacks of the (recipe-resolved) arguments, in a Trainer."""
     training_args.remove_unused_columns = False
     set_seed(training_args.seed)
 
     train, validation, labels = load_splits(data_args, training_args.seed)  # fails before any training
+    skip = data_args.skip_corrupt_images
     train = with_image_transform(
         train,
         finetuning_transform(
             data_args.image_size,
             rand_augment_magnitude=data_args.rand_augment_magnitude,
-            random_erasing=resolve(data_args.random_erasing, "random_erasing", recipe),
+            random_erasing=training_args.random_erasing,
             horizontal_flip=data_args.horizontal_flip,
         ),
         data_args.image_column,
         data_args.label_column,
         mixable=True,
+        skip_corrupt_images=skip,
     )
     processor = ConvNextV2ImageProcessor(size={"shortest_edge": data_args.image_size})
 
     def evaluation_transform(image):
         return processor(image, return_tensors="pt")["pixel_values"][0]
 
-    validation = with_image_transform(validation, evaluation_transform, data_args.image_column, data_args.label_column)
+    validation = with_image_transform(
+        validation, evaluation_transform, data_args.image_column, data_args.label_column, skip_corrupt_images=skip
+    )
 
-    model = build_model(model_args, labels, resolve(model_args.drop_path_rate, "drop_path", recipe))
+    model = build_model(model_args, labels, training_args.drop_path_rate)
     collator = MixUpCutMixCollator(
         num_labels=len(labels),
-        mixup_alpha=resolve(data_args.mixup, "mixup", recipe),
-        cutmix_alpha=resolve(data_args.cutmix, "cutmix", recipe),
-        label_smoothing=resolve(data_args.label_smoothing, "label_smoothing", recipe),
+        mixup_alpha=training_args.mixup,
+        cutmix_alpha=training_args.cutmix,
+        label_smoothing=training_args.label_smoothing,
     )
     metric = load_top_k_accuracy()
 
@@ -195,9 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
         logits, references = prediction
         return metric.compute(predictions=np.asarray(logits), references=np.asarray(references), k=5)
 
-    ema_decay = resolve(model_args.ema_decay, "ema_decay", recipe)
-    ema = EMACallback(ema_decay) if ema_decay > 0 else None
-    trainer = Trainer(
+    callbacks = [EMACallback(training_args.ema_decay)] if training_args.ema_decay > 0 else None
+    return Trainer(
         model=model,
         args=training_args,
         train_dataset=train,
@@ -206,10 +186,31 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=processor,
         compute_metrics=compute_metrics,
         optimizer_cls_and_kwargs=layer_decay_optimizer(
-            model, training_args, layer_decay, resolve(model_args.layer_decay_type, "layer_decay_type", recipe)
+            model, training_args, training_args.layer_decay, training_args.layer_decay_type
         ),
-        callbacks=[ema] if ema else None,
+        callbacks=callbacks,
     )
+
+
+def setup_logging(training_args) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    if training_args.log_level != "passive":
+        transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_arguments(argv)
+    setup_logging(training_args)
+    logger.info("effective training hyper-parameters\n" + training_args.recipe_report())
+    trainer = build_trainer(model_args, data_args, training_args)
+    model, validation = trainer.model, trainer.eval_dataset
+    ema = next((callback for callback in trainer.callback_handler.callbacks if isinstance(callback, EMACallback)), None)
+
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate(eval_dataset=validation, metric_key_prefix="eval")
     if ema is not None:
@@ -221,12 +222,14 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     trainer.save_model()
-    if trainer.is_world_process_zero():
-        trainer.create_model_card(
-            model_name=training_args.output_dir.rstrip("/").split("/")[-1],
-            finetuned_from=model_args.model_name_or_path,
-            tasks="image-classification",
-        )
+    trainer.save_state()
+    create_model_card(
+        trainer,
+        model_name=training_args.output_dir.rstrip("/").split("/")[-1],
+        finetuned_from=model_args.model_name_or_path,
+        tasks="image-classification",
+        dataset=data_args.dataset_name,
+    )
     return metrics
 
 

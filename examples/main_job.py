@@ -14,20 +14,27 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
+from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_image_classification  # noqa: E402
 import pretrain_fcmae  # noqa: E402
 
 IMAGE_SIZE = 64
+
+
+@dataclass
+class MainJobArguments:
+    output_dir: str = field(default="outputs/main_job", metadata={"help": "where the data and models go"})
+    quick: bool = field(default=False, metadata={"help": "a short schedule, for tests"})
 
 
 def write_digits(root: Path, image_size: int, validation_fraction: float = 0.2, seed: int = 0) -> dict[str, int]:
@@ -70,11 +77,8 @@ def finetune(output_dir: Path, data_dir: Path, model: list[str], epochs: float) 
     )  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output_dir", default="outputs/main_job")
-    parser.add_argument("--quick", action="store_true", help="a short schedule, for tests")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    (args,) = HfArgumentParser(MainJobArguments).parse_args_into_dataclasses(args=argv)
     output = Path(args.output_dir)
     pretrain_epochs, finetune_epochs = (0.5, 0.5) if args.quick else (10, 8)
     started = time.perf_counter()

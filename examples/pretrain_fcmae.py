@@ -1,37 +1,63 @@
 """FCMAE pretraining of ConvNeXt V2 on unlabelled images with the stock ``transformers.Trainer``.
 
     python examples/pretrain_fcmae.py --train_dir images/ --model_size atto --output_dir out/fcmae \
-        --num_train_epochs 800 --per_device_train_batch_size 64 --base_learning_rate 1.5e-4
+        --recipe fcmae --per_device_train_batch_size 64 --validation_split_fraction 0.01 --eval_strategy epoch
     torchrun --nproc_per_node 8 examples/pretrain_fcmae.py ...        # or: accelerate launch --multi_gpu ...
 
 Data: an image folder (``--train_dir``, labels ignored) or any ``datasets`` dataset with an image column
-(``--dataset_name``). The learning rate follows the official rule ``base_learning_rate * total_batch / 256``
-unless ``--learning_rate`` is given. Reconstruction grids are written to ``<output_dir>/reconstructions``.
+(``--dataset_name``); ``--streaming`` reads either as a stream (data larger than memory or disk cache; needs
+``--max_steps``). Validation: ``--validation_dir``, the data's own validation split, or
+``--validation_split_fraction`` of the training set; its masks are fixed per image, so ``eval_loss`` compares
+across steps and runs. Training masks depend only on (seed, epoch, image index): a resumed run sees the masks
+of the uninterrupted one.
+
+``--recipe fcmae`` (or ``fcmae-1600``) sets the official schedule: 800 epochs, 40 warm-up epochs, cosine to
+``min_lr`` 0, ``lr = 1.5e-4 * total batch / 256``, AdamW betas (0.9, 0.95), weight decay 0.05 (not on biases,
+1-D parameters, GRN gamma/beta or the mask token). Any flag given explicitly wins over the recipe. Reconstruction
+grids are written to ``<output_dir>/reconstructions``.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+import transformers
+from transformers import HfArgumentParser, Trainer, set_seed
 
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForMaskedImageModeling, ConvNextV2ImageProcessor
 from convnextv2_hf.configuration_convnextv2 import PRESETS
-from convnextv2_hf.recipes import PRETRAIN_RECIPE, scaled_learning_rate
-from convnextv2_hf.training import FCMAECollator, FCMAEReconstructionCallback, fcmae_loss
-from convnextv2_hf.transforms import fcmae_pretraining_transform, image_folder_dataset, with_image_transform
+from convnextv2_hf.recipes import PRETRAIN_MODEL, PretrainTrainingArguments, create_model_card
+from convnextv2_hf.training import (
+    FCMAECollator,
+    FCMAEMaskEpochCallback,
+    FCMAEReconstructionCallback,
+    fcmae_loss,
+    skips_weight_decay,
+)
+from convnextv2_hf.transforms import (
+    fcmae_evaluation_transform,
+    fcmae_pretraining_transform,
+    image_folder_dataset,
+    streaming_image_dataset,
+    with_example_index,
+    with_image_transform,
+)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ModelArguments:
     model_size: str = field(default="atto", metadata={"help": f"one of {list(PRESETS)}"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "start from this checkpoint instead"})
-    mask_ratio: float = field(default=PRETRAIN_RECIPE["mask_ratio"])
+    mask_ratio: float = field(default=PRETRAIN_MODEL["mask_ratio"])
     decoder_hidden_size: int = 512
     decoder_depth: int = 1
-    norm_pix_loss: bool = True
+    norm_pix_loss: bool = PRETRAIN_MODEL["norm_pix_loss"]
     fcmae_impl: str = field(default="sparse", metadata={"help": "sparse (fast) or dense (reference)"})
 
 
@@ -39,29 +65,93 @@ class ModelArguments:
 class DataArguments:
     train_dir: str | None = field(default=None, metadata={"help": "image folder"})
     dataset_name: str | None = field(default=None, metadata={"help": "a datasets name or path (train split)"})
+    dataset_config_name: str | None = None
+    validation_dir: str | None = field(default=None, metadata={"help": "image folder of validation images"})
+    validation_split_fraction: float | None = field(
+        default=None, metadata={"help": "hold out this fraction of the training images for validation"}
+    )
     image_column: str = "image"
     image_size: int = 224
-    base_learning_rate: float = field(default=PRETRAIN_RECIPE["blr"], metadata={"help": "lr = blr * batch / 256"})
+    streaming: bool = field(default=False, metadata={"help": "stream the training data (needs --max_steps)"})
+    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "examples in the streaming shuffle buffer"})
+    skip_corrupt_images: bool = field(
+        default=False, metadata={"help": "skip unreadable images with a warning instead of stopping"}
+    )
     reconstruction_every: int = field(default=500, metadata={"help": "steps between PNG grids; 0 = only at end"})
 
 
-def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
+def parse_arguments(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, PretrainTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    check_arguments(model_args, data_args, training_args)
+    return model_args, data_args, training_args
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
     if model_args.model_name_or_path is None and model_args.model_size not in PRESETS:
         raise ValueError(f"unknown model size {model_args.model_size!r}; choose one of {list(PRESETS)}")
     if (data_args.train_dir is None) == (data_args.dataset_name is None):
         raise ValueError("give exactly one of --train_dir and --dataset_name")
+    fraction = data_args.validation_split_fraction
+    if fraction is not None and not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation_split_fraction must be in (0, 1), got {fraction}")
+    if fraction is not None and data_args.validation_dir is not None:
+        raise ValueError("give one of --validation_dir and --validation_split_fraction, not both")
+    if data_args.streaming:
+        if training_args.max_steps <= 0:
+            raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs in")
+        if fraction is not None:
+            raise ValueError("--validation_split_fraction needs the dataset's length; with --streaming give "
+                             "--validation_dir or use the dataset's own validation split")  # fmt: skip
 
 
-def load_train_images(data_args: DataArguments):
-    transform = fcmae_pretraining_transform(data_args.image_size)
+def load_splits(data_args: DataArguments, seed: int):
+    """(train, validation or None) ``datasets`` splits, images not yet decoded or transformed."""
+    from datasets import load_dataset
+
     if data_args.train_dir is not None:
-        splits = image_folder_dataset(data_args.train_dir)
+        splits = image_folder_dataset(data_args.train_dir, streaming=data_args.streaming)
     else:
-        from datasets import load_dataset
+        splits = load_dataset(data_args.dataset_name, data_args.dataset_config_name, streaming=data_args.streaming)
+    if "train" not in splits:
+        raise ValueError(f"the data has no train split (splits: {list(splits)})")
+    train, validation = splits["train"], splits.get("validation")
+    if data_args.validation_dir is not None:
+        validation = image_folder_dataset(data_args.validation_dir)["train"]
+    elif data_args.validation_split_fraction is not None:
+        if validation is not None:
+            raise ValueError("the data has its own validation split; drop --validation_split_fraction")
+        parts = train.train_test_split(test_size=data_args.validation_split_fraction, seed=seed)
+        train, validation = parts["train"], parts["test"]
+    return train, validation
 
-        splits = load_dataset(data_args.dataset_name)
-    train = splits["train"]
-    return with_image_transform(train, transform, data_args.image_column, label_column=None)
+
+def data_seed(training_args) -> int:
+    """The seed of shuffling and masks: ``--data_seed`` when given, else ``--seed``."""
+    return training_args.seed if training_args.data_seed is None else training_args.data_seed
+
+
+def build_datasets(data_args: DataArguments, training_args):
+    """The training set (examples carry ``index``) and the validation set (``fixed_mask=True`` too), or None."""
+    from datasets import IterableDataset
+
+    train, validation = load_splits(data_args, training_args.seed)
+    column, skip = data_args.image_column, data_args.skip_corrupt_images
+    train_transform = fcmae_pretraining_transform(data_args.image_size)
+    if data_args.streaming:
+        train = streaming_image_dataset(
+            train, train_transform, column, skip, data_seed(training_args), data_args.shuffle_buffer_size
+        )
+    else:
+        train = with_example_index(with_image_transform(train, train_transform, column, None, skip_corrupt_images=skip))
+    if validation is not None:
+        evaluation_transform = fcmae_evaluation_transform(data_args.image_size)
+        if isinstance(validation, IterableDataset):
+            validation = streaming_image_dataset(validation, evaluation_transform, column, skip, fixed_mask=True)
+        else:
+            validation = with_image_transform(validation, evaluation_transform, column, None, skip_corrupt_images=skip)
+            validation = with_example_index(validation, fixed_mask=True)
+    return train, validation
 
 
 def build_model(model_args: ModelArguments) -> ConvNextV2ForMaskedImageModeling:
@@ -77,42 +167,102 @@ def build_model(model_args: ModelArguments) -> ConvNextV2ForMaskedImageModeling:
     return ConvNextV2ForMaskedImageModeling(ConvNextV2Config.from_preset(model_args.model_size, **fields))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    check_arguments(model_args, data_args)
-    # the official optimizer defaults unless given on the command line
-    given = " ".join(argv if argv is not None else sys.argv)
-    if "--adam_beta2" not in given:
-        training_args.adam_beta2 = PRETRAIN_RECIPE["adam_betas"][1]
-    if "--learning_rate" not in given:
-        total_batch = (
-            training_args.per_device_train_batch_size
-            * training_args.gradient_accumulation_steps
-            * max(1, training_args.world_size)
-        )
-        training_args.learning_rate = scaled_learning_rate(data_args.base_learning_rate, total_batch)
-    training_args.remove_unused_columns = False
+def preview_pixels(train, validation, count: int = 4) -> torch.Tensor:
+    """A few images for the reconstruction grids: validation images (deterministic) when there are some."""
+    source = validation if validation is not None else train
+    if hasattr(source, "__len__"):
+        examples = (source[index] for index in range(min(len(source), 4 * count)))
+    else:  # a stream: its first examples
+        examples = itertools.islice(iter(source), 4 * count)
+    pixels = [example["pixel_values"] for example in examples if example["pixel_values"] is not None]
+    return torch.stack(pixels[:count])
+
+
+def adamw_with_weight_decay_exclusions(model: torch.nn.Module, training_args) -> tuple[type, dict]:
+    """``optimizer_cls_and_kwargs``: AdamW with the official weight-decay exclusions (biases, 1-D parameters, GRN
+    gamma/beta, the mask token) and no layer decay, in two param groups (one per weight decay: every extra group
+    costs the optimizer step time)."""
+    named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if not skips_weight_decay(n, p)], "weight_decay": training_args.weight_decay},
+        {"params": [p for n, p in named if skips_weight_decay(n, p)], "weight_decay": 0.0},
+    ]
+    kwargs = dict(
+        params=groups,
+        lr=training_args.learning_rate,
+        betas=(training_args.adam_beta1, training_args.adam_beta2),
+        eps=training_args.adam_epsilon,
+        fused=training_args.optim == "adamw_torch_fused",  # the Trainer's default optimizer is the fused one
+    )
+    return torch.optim.AdamW, kwargs
+
+
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args) -> Trainer:
+    training_args.remove_unused_columns = False  # the collator reads `index`, which no forward takes
+    if training_args.label_names is None:
+        # the collator's `labels` (the mask) make the Trainer compute eval_loss through fcmae_loss
+        training_args.label_names = ["labels"]
+    if data_args.streaming and training_args.accelerator_config.dispatch_batches is None:
+        # every process reads its own part of the stream instead of process 0 reading and sending all
+        training_args.accelerator_config.dispatch_batches = False
     set_seed(training_args.seed)
 
-    train_dataset = load_train_images(data_args)
+    train, validation = build_datasets(data_args, training_args)
     model = build_model(model_args)
-    preview = torch.stack([train_dataset[i]["pixel_values"] for i in range(min(4, len(train_dataset)))])
-    trainer = Trainer(
+    collator = FCMAECollator(model.config, data_args.image_size, seed=data_seed(training_args))
+    reconstructions = FCMAEReconstructionCallback(
+        preview_pixels(train, validation), every_steps=data_args.reconstruction_every
+    )
+    return Trainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset,
-        data_collator=FCMAECollator(model.config, data_args.image_size),
+        train_dataset=train,
+        eval_dataset=validation,
+        data_collator=collator,
         compute_loss_func=fcmae_loss,
-        callbacks=[FCMAEReconstructionCallback(preview, every_steps=data_args.reconstruction_every)],
+        optimizer_cls_and_kwargs=adamw_with_weight_decay_exclusions(model, training_args),
+        callbacks=[FCMAEMaskEpochCallback(collator), reconstructions],
     )
+
+
+def setup_logging(training_args) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+    if training_args.log_level != "passive":
+        transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_arguments(argv)
+    setup_logging(training_args)
+    logger.info("effective training hyper-parameters\n" + training_args.recipe_report())
+    trainer = build_trainer(model_args, data_args, training_args)
+
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
-    if trainer.is_world_process_zero():
-        ConvNextV2ImageProcessor(size={"shortest_edge": data_args.image_size}).save_pretrained(training_args.output_dir)
+    metrics = dict(result.metrics)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
-    return result.metrics
+    if trainer.eval_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        ConvNextV2ImageProcessor(size={"shortest_edge": data_args.image_size}).save_pretrained(training_args.output_dir)
+    create_model_card(
+        trainer,
+        model_name=training_args.output_dir.rstrip("/").split("/")[-1],
+        finetuned_from=model_args.model_name_or_path,
+        tags=["fcmae", "convnextv2"],
+        dataset=data_args.dataset_name,
+    )
+    return metrics
 
 
 if __name__ == "__main__":

@@ -125,3 +125,23 @@ def test_finetune_script_runs_unchanged_under_torchrun_with_two_processes(tmp_pa
     assert metrics["epoch"] == pytest.approx(2 / 3, abs=1e-3)
     assert {"eval_accuracy", "eval_ema_accuracy", "eval_top5_accuracy"} <= set(metrics)
     assert (output / "model.safetensors").exists() and (output / "preprocessor_config.json").exists()
+    # the recipe's effective values, total batch of both processes included, in the log and the card
+    assert "learning_rate = 1.25e-05  (base_learning_rate 0.0008 x total batch 4 / 256)" in result.stdout
+    card = (output / "README.md").read_text()
+    for line in ("lr_scheduler_type: cosine_with_min_lr", "recipe: tiny", "layer_decay: 0.9", "ema_decay: 0.9",
+                 "total_train_batch_size: 4", "num_devices: 2"):  # fmt: skip
+        assert f"- {line}\n" in card, line
+
+
+def test_finetune_names_a_truncated_training_image_or_skips_it_when_asked(tmp_path, caplog):
+    data = digit_folder(tmp_path / "data", classes=("a", "b"), per_class=3)
+    bad = data / "train" / "b" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    argv = finetune_args(tmp_path, "--data_dir", str(data), "--image_size", "32", "--per_device_train_batch_size",
+                         "6", "--save_strategy", "no")  # fmt: skip
+    with pytest.raises(ValueError, match=f"cannot read image {bad}: .*--skip_corrupt_images"):
+        finetune_image_classification.main(argv)
+    with caplog.at_level("WARNING"):
+        metrics = finetune_image_classification.main([*argv, "--skip_corrupt_images"])
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert any(f"skipping unreadable image {bad}" in record.getMessage() for record in caplog.records)

@@ -1,6 +1,7 @@
 """Training transforms and the MixUp/CutMix collator, on real photographs shipped by scikit-image."""
 
 import datasets
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -8,11 +9,15 @@ from conftest import tiny_config
 from skimage import data as skimage_data
 
 from convnextv2_hf import ConvNextV2ForImageClassification
+from convnextv2_hf.training import FCMAECollator
 from convnextv2_hf.transforms import (
     MixUpCutMixCollator,
+    fcmae_evaluation_transform,
     fcmae_pretraining_transform,
     finetuning_transform,
     image_folder_dataset,
+    load_image,
+    with_example_index,
     with_image_transform,
 )
 
@@ -147,3 +152,78 @@ def test_image_folder_without_images_is_a_value_error(tmp_path):
         image_folder_dataset(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         image_folder_dataset(tmp_path / "missing")
+
+
+def test_fcmae_evaluation_transform_is_deterministic_and_centred():
+    transform = fcmae_evaluation_transform(64)
+    torch.manual_seed(0)
+    first = torch.stack([transform(image) for image in photos()])
+    torch.manual_seed(1)
+    assert torch.equal(torch.stack([transform(image) for image in photos()]), first)
+    assert first.shape == (3, 3, 64, 64)
+
+
+def test_example_index_wrapper_adds_index_and_fields_in_single_and_batched_access(tmp_path):
+    write_image_folder(tmp_path)
+    split = image_folder_dataset(tmp_path, fcmae_pretraining_transform(32))["train"]
+    indexed = with_example_index(split, fixed_mask=True)
+    assert len(indexed) == 6
+    assert indexed[4]["index"] == 4 and indexed[4]["fixed_mask"] is True and indexed[4]["labels"] == 1
+    batch = indexed.__getitems__([5, 0, 2])
+    assert [example["index"] for example in batch] == [5, 0, 2] and [e["labels"] for e in batch] == [1, 0, 0]
+    assert all(example["pixel_values"].shape == (3, 32, 32) for example in batch)
+
+
+def write_folder_with_unreadable_images(root):
+    """Two classes of real photos; one truncated PNG, one truncated JPEG (half their bytes) among them."""
+    write_image_folder(root, per_class=3)
+    jpeg = root / "train" / "cat" / "1.jpg"
+    PIL.Image.open(root / "train" / "cat" / "1.png").save(jpeg, quality=90)
+    (root / "train" / "cat" / "1.png").unlink()
+    bad = [jpeg, root / "train" / "coffee" / "2.png"]
+    for path in bad:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    return bad
+
+
+def test_a_truncated_image_is_an_error_naming_the_file(tmp_path):
+    bad_jpeg, bad_png = write_folder_with_unreadable_images(tmp_path)
+    train = image_folder_dataset(tmp_path, finetuning_transform(32))["train"]
+    readable = [i for i in range(len(train)) if i not in (1, 5)]
+    assert all(train[i]["pixel_values"].shape == (3, 32, 32) for i in readable)
+    for index, path in ((1, bad_jpeg), (5, bad_png)):
+        with pytest.raises(ValueError, match=f"cannot read image {path}: image file is truncated.*skip_corrupt_images"):
+            train[index]
+    with pytest.raises(ValueError, match=f"cannot read image {bad_jpeg}"):
+        train[:]  # a whole batch too: the first unreadable file is named
+
+
+def test_skip_corrupt_images_warns_and_the_collators_leave_them_out(tmp_path, caplog):
+    bad_jpeg, bad_png = write_folder_with_unreadable_images(tmp_path)
+    train = image_folder_dataset(tmp_path, finetuning_transform(32), skip_corrupt_images=True)["train"]
+    with caplog.at_level("WARNING"):
+        examples = [train[i] for i in range(len(train))]
+    warned = [record.getMessage() for record in caplog.records if "skipping unreadable image" in record.getMessage()]
+    assert len(warned) == 2 and str(bad_jpeg) in warned[0] and str(bad_png) in warned[1]
+    assert [example["pixel_values"] is None for example in examples] == [False, True, False, False, False, True]
+    batch = MixUpCutMixCollator(num_labels=2, mixup_alpha=0, cutmix_alpha=0)(examples)
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["labels"].tolist() == [0, 0, 1, 1]
+    fcmae = FCMAECollator(tiny_config(), image_size=32 * 2)
+    assert fcmae([dict(e, pixel_values=torch.zeros(3, 64, 64)) for e in examples[:2]])["pixel_values"].shape[0] == 2
+    assert fcmae([examples[1], examples[0] | {"pixel_values": torch.zeros(3, 64, 64)}])["noise"].shape == (1, 4)
+    for collator in (MixUpCutMixCollator(num_labels=2), fcmae):
+        with pytest.raises(ValueError, match="every image of this batch of 2 was skipped as unreadable"):
+            collator([examples[1], examples[5]])
+
+
+def test_load_image_reads_paths_bytes_and_pil_images(tmp_path):
+    path = tmp_path / "cat.png"
+    photos()[0].save(path)
+    from_path = load_image(str(path))
+    from_bytes = load_image({"bytes": path.read_bytes(), "path": None})
+    assert from_path.size == from_bytes.size == (451, 300)
+    assert np.array_equal(np.asarray(from_path), np.asarray(from_bytes))
+    with pytest.raises(ValueError, match="cannot read image an image given as bytes"):
+        load_image(b"not an image")
+    assert load_image(b"not an image", skip_corrupt_images=True) is None
