@@ -36,3 +36,21 @@ transformers-suite: $(BIN)/.installed
 	$(BIN)/pip install --quiet "parameterized>=0.9"
 	HF_HUB_OFFLINE=1 $(BIN)/python tests/transformers_suite/run_transformers_suite.py \
 		$(if $(TRANSFORMERS_TEST_FILE),--test-file $(TRANSFORMERS_TEST_FILE))
+
+# `make gpu-check`: on a GPU, the device tests (pytest -m device --device cuda) and the GPU preset of
+# benchmarks/benchmark.py in about 8 minutes, each phase under a time budget; one JSON and a table of ratios against
+# issue 13's targets (benchmarks/gpu_check.py, BENCHMARKS.md "GPU check"). It builds no venv: a GPU machine's image
+# with torch and transformers has no PyPI to build one from. The check runs with the first Python that imports
+# torch, transformers, pytest and this checkout (and sees the GPU): GPU_CHECK_PYTHON, .venv, build/gpu-check-venv,
+# the launching python3, python3 on the PATH; INSTALL=1 builds build/gpu-check-venv from PyPI where none does.
+#   make gpu-check GPU_CHECK_OUTPUT=/path/gpu_check.json    # default outputs/gpu_check_<device>[_smoke].json
+#   make gpu-check DEVICE=cpu SMOKE=1                       # CPU smoke: tiny sizes, nothing compiled (< 1 minute)
+DEVICE ?= cuda
+SMOKE ?=
+INSTALL ?=
+GPU_CHECK_PYTHON ?=
+GPU_CHECK_OUTPUT ?=
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --device $(DEVICE) $(if $(SMOKE),--smoke) $(if $(INSTALL),--install-env) \
+		$(if $(GPU_CHECK_PYTHON),--python $(GPU_CHECK_PYTHON)) $(if $(GPU_CHECK_OUTPUT),--output $(GPU_CHECK_OUTPUT))

@@ -41,7 +41,8 @@ GRN_EPS = 1e-6
 # - cuda and anything else: none until measured on that device. The GRN fold turns one GEMM into a batched matmul
 #   with per-sample weights, which a GPU may run slower than a plain GEMM in bf16; the square-sum norm only beats
 #   torch's reduction on CPU; in-place GELU saves allocations that a caching allocator makes cheap anyway.
-#   `make gpu-check` runs the ablation on a GPU; set the set here from its table.
+#   `make gpu-check` runs the ablation on a GPU (every path on, then each one taken out) and prints the set its
+#   numbers suggest; set the set here from that table and record it in BENCHMARKS.md ("GPU check").
 DEVICE_DEFAULTS: dict[str, frozenset[str]] = {
     "cpu": frozenset(FAST_PATH_NAMES),
     "cuda": frozenset(),
@@ -62,6 +63,8 @@ def fast_path_allowed(name: str, setting: bool | list[str], tensor: torch.Tensor
         raise ValueError(f"unknown fast path {name!r}; known: {FAST_PATH_NAMES}")
     if setting is False:
         return False
+    # the choice per device: True runs the set measured for this tensor's device type (none for a device not listed);
+    # a list runs exactly the paths it names, on any device (the tests and the ablation use that)
     enabled = DEVICE_DEFAULTS.get(tensor.device.type, frozenset()) if setting is True else setting
     if name not in enabled:
         return False
@@ -106,7 +109,8 @@ def square_sum_norm(positions: torch.Tensor) -> torch.Tensor:
     On CPU in eager mode torch's norm over a non-innermost axis is several times slower than squaring and summing.
     At inference it squares a few samples at a time so the temporary stays small (a fresh allocation above glibc's
     32 MB mmap threshold costs a page fault per 4 KB); under autograd in one piece, as the backward of chunks would
-    copy the whole gradient to join them.
+    copy the whole gradient to join them. Both reasons are CPU ones: whether this path runs is chosen per device
+    (``DEVICE_DEFAULTS``), and the chunk size was measured on CPU only.
     """
     accumulate = accumulation_dtype(positions.dtype)
     samples_per_chunk = max(1, (1 << 22) // max(positions[0].numel(), 1)) if positions.shape[0] else 1
@@ -137,6 +141,8 @@ def gelu_grn_linear(
     """``layer.pwconv2(layer.grn(layer.act(features), visible))`` by whichever fast paths may run here, or ``None``
     when none may (the caller then runs the reference)."""
     setting = layer.fast_paths
+    # each path is asked for by name, so each is chosen per device (DEVICE_DEFAULTS): on CPU all of them by default,
+    # on CUDA none until the GPU ablation shows which ones pay there
     exact_gelu = layer.hidden_act == "gelu"
     grn, linear = layer.grn, layer.pwconv2
     fold = fast_path_allowed("grn_fold", setting, features, grn, linear) and folds(features, linear)
@@ -170,7 +176,8 @@ def grn_norm(hidden_states: torch.Tensor, visible: torch.Tensor | None, square_s
 
 def folds(hidden_states: torch.Tensor, linear: nn.Linear) -> bool:
     """Whether folding GRN into ``linear`` saves work: where a sample has more positions than the linear has outputs
-    (the early, wide stages). Later stages, whose per-sample weights would outweigh the activation, apply GRN."""
+    (the early, wide stages). Later stages, whose per-sample weights would outweigh the activation, apply GRN.
+    Whether to fold at all is chosen per device (``fast_path_allowed``, ``DEVICE_DEFAULTS``): this picks the stages."""
     batch, channels = hidden_states.shape[0], hidden_states.shape[-1]
     positions = hidden_states.numel() // max(batch * channels, 1)
     return positions > linear.out_features

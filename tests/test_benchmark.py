@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,3 +41,50 @@ def test_benchmark_runs_every_group_and_writes_ratios(tmp_path):
     assert 0 < sparse["memory_ratio"] < 1
     assert "ratio" in result.stdout and "fcmae sparse eager" in result.stdout
     assert "fcmae sparse eager against fcmae vitmae-base eager" in result.stdout
+
+
+def load_benchmark_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import benchmark
+
+    return benchmark
+
+
+def test_a_preset_sets_defaults_that_flags_override():
+    benchmark = load_benchmark_module()
+    args = benchmark.parse_args(["--preset", "gpu", "--device", "cpu", "--batch", "4"])
+    assert (args.device, args.batch, args.train_batch) == ("cpu", 4, 128)
+    assert (args.fcmae_model, args.fcmae_batch, args.vitmae) == ("base", 128, "base")
+    assert args.dtype == "bf16" and args.modes == ["eager", "compile"] and args.timm == "eager"
+    assert benchmark.parse_args(["--compile"]).modes == ["eager", "compile"]
+    assert benchmark.parse_args([]).modes == ["eager"]
+
+
+def test_time_budget_skips_what_would_start_after_it_and_still_writes_the_json(tmp_path):
+    output = tmp_path / "results.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--model", "atto", "--image-size", "64",
+        "--batch", "2", "--repeats", "1", "--warmup", "0", "--only", "infer", "train", "--time-budget", "0",
+        "--output", str(output),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    document = json.loads(output.read_text())
+    assert document["complete"] is True and document["rows"] == []
+    assert [skipped["name"] for skipped in document["skipped"]] == ["infer", "train"]
+    assert all("time budget of 0 s spent" in skipped["reason"] for skipped in document["skipped"])
+    assert "skipped infer: time budget of 0 s spent" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "meta"], "only cpu and cuda are measured"),
+        (["--device", "nope"], "is not a device"),
+        (["--only", "infer", "speed"], "unknown group(s) ['speed']"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_benchmark_module().parse_args(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

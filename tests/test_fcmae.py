@@ -1,4 +1,9 @@
-"""FCMAE masked image modeling: masking, the sparse and dense encoder paths, decoder, loss, transfer."""
+"""FCMAE masked image modeling: masking, the sparse and dense encoder paths, decoder, loss, transfer.
+
+The tests marked `device` run on `--device` (cpu by default; `make gpu-check` runs them on CUDA, with TF32 off). Those
+that check the fast paths run twice: with `fast_paths=True` (the device's defaults: none on CUDA until measured, see
+`DEVICE_DEFAULTS`) and with every path named, so the sparse depthwise conv and the training function run anywhere.
+"""
 
 import pytest
 import torch
@@ -9,21 +14,37 @@ from convnextv2_hf import (
     ConvNextV2ForMaskedImageModeling,
     ConvNextV2Model,
 )
+from convnextv2_hf.configuration_convnextv2 import FAST_PATH_NAMES
 from convnextv2_hf.modeling_convnextv2 import ConvNextV2GRN
 
 PATH_TOLERANCE = 1e-5
 
 
-def fcmae_pair(seed: int = 0, **overrides):
-    """A sparse and a dense model with the same (perturbed) weights."""
+def fcmae_pair(seed: int = 0, device: torch.device | str = "cpu", **overrides):
+    """A sparse and a dense model with the same (perturbed) weights, on ``device``."""
     sparse = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fcmae_impl="sparse", **overrides)), seed)
     dense = ConvNextV2ForMaskedImageModeling(tiny_config(fcmae_impl="dense", **overrides))
     dense.load_state_dict(sparse.state_dict(), strict=True)
-    return sparse, dense
+    return sparse.to(device), dense.to(device)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """||got - expected|| / ||expected|| (L2 over the whole tensor, in fp32)."""
+    expected = expected.float()
+    return ((got.float() - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+
+
+def close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
+    """``got`` within ``tolerance`` of ``expected``, relative to the larger of 1 and ``expected``'s largest value."""
+    return max_diff(got, expected) <= tolerance * max(1.0, expected.abs().max().item())
+
+
+# the device's defaults (True) and every fast path by name: on CUDA the defaults run none of them (DEVICE_DEFAULTS)
+WITH_FAST_PATHS = pytest.mark.parametrize("fast_paths", [True, list(FAST_PATH_NAMES)], ids=["defaults", "all"])
 
 
 def test_output_shapes_and_exact_keep_count_per_sample():
@@ -71,33 +92,36 @@ def test_bool_masked_pos_is_used_as_given():
         ({"norm_pix_loss": False, "mask_ratio": 0.25}, (64, 64)),
     ],
 )
-def test_sparse_and_dense_paths_agree(overrides, image_size):
-    sparse, dense = fcmae_pair(**overrides)
+@pytest.mark.device
+@WITH_FAST_PATHS
+def test_sparse_and_dense_paths_agree(overrides, image_size, fast_paths, device):
+    sparse, dense = fcmae_pair(device=device, fast_paths=fast_paths, **overrides)
     config = sparse.config
-    pixels = torch.randn(3, config.num_channels, *image_size)
+    pixels = torch.randn(3, config.num_channels, *image_size).to(device)
     num_patches = (image_size[0] // config.mask_patch_size) * (image_size[1] // config.mask_patch_size)
-    noise = torch.rand(3, num_patches)
+    noise = torch.rand(3, num_patches).to(device)
     a = sparse(pixels, noise=noise, output_hidden_states=True)
     b = dense(pixels, noise=noise, output_hidden_states=True)
     assert torch.equal(a.mask, b.mask)
-    assert max_diff(a.logits, b.logits) <= PATH_TOLERANCE
-    assert abs(a.loss.item() - b.loss.item()) <= PATH_TOLERANCE
+    assert close(a.logits, b.logits, PATH_TOLERANCE)
+    assert abs(a.loss.item() - b.loss.item()) <= PATH_TOLERANCE * max(1.0, b.loss.item())
     for sparse_state, dense_state in zip(a.hidden_states, b.hidden_states, strict=True):
-        assert max_diff(sparse_state, dense_state) <= PATH_TOLERANCE
+        assert close(sparse_state, dense_state, PATH_TOLERANCE)
     a.loss.backward()
     b.loss.backward()
     for (name, p_sparse), p_dense in zip(sparse.named_parameters(), dense.parameters(), strict=True):
         if p_sparse.grad is None:
             assert p_dense.grad is None, name
             continue
-        assert max_diff(p_sparse.grad, p_dense.grad) <= PATH_TOLERANCE, name
+        assert close(p_sparse.grad, p_dense.grad, PATH_TOLERANCE), name
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("fcmae_impl", ["sparse", "dense"])
-def test_pixels_inside_removed_patches_change_no_logit(fcmae_impl):
-    model = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fcmae_impl=fcmae_impl))).eval()
-    pixels = torch.randn(2, 3, 96, 96)
-    bool_masked_pos = model.random_masking(2, 9, noise=torch.rand(2, 9))
+def test_pixels_inside_removed_patches_change_no_logit(fcmae_impl, device):
+    model = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fcmae_impl=fcmae_impl))).eval().to(device)
+    pixels = torch.randn(2, 3, 96, 96).to(device)
+    bool_masked_pos = model.random_masking(2, 9, noise=torch.rand(2, 9).to(device))
     removed_pixels = bool_masked_pos.view(2, 1, 3, 1, 3, 1).expand(2, 3, 3, 32, 3, 32).reshape(2, 3, 96, 96)
     altered = torch.where(removed_pixels, pixels + 100 * torch.randn_like(pixels), pixels)
     with torch.no_grad():
@@ -111,19 +135,20 @@ def test_pixels_inside_removed_patches_change_no_logit(fcmae_impl):
     assert max_diff(a.logits, c.logits) > 1e-2  # and a different mask does see other pixels
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("fcmae_impl", ["sparse", "dense"])
-def test_each_sample_is_independent_of_the_rest_of_its_batch(fcmae_impl):
-    model = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fcmae_impl=fcmae_impl))).eval()
-    pixels = torch.randn(4, 3, 64, 96)
-    bool_masked_pos = model.random_masking(4, 6, noise=torch.rand(4, 6))
+def test_each_sample_is_independent_of_the_rest_of_its_batch(fcmae_impl, device):
+    model = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fcmae_impl=fcmae_impl))).eval().to(device)
+    pixels = torch.randn(4, 3, 64, 96).to(device)
+    bool_masked_pos = model.random_masking(4, 6, noise=torch.rand(4, 6).to(device))
     with torch.no_grad():
         together = model(pixels, bool_masked_pos=bool_masked_pos)
         for i in range(4):
             alone = model(pixels[i : i + 1], bool_masked_pos=bool_masked_pos[i : i + 1])
-            assert max_diff(alone.logits[0], together.logits[i]) <= 1e-5
-        other_batch = torch.cat([pixels[:1], 10 * torch.randn(3, 3, 64, 96)])
+            assert close(alone.logits[0], together.logits[i], 1e-5)
+        other_batch = torch.cat([pixels[:1], 10 * torch.randn(3, 3, 64, 96).to(device)])
         changed = model(other_batch, bool_masked_pos=bool_masked_pos)
-    assert max_diff(changed.logits[0], together.logits[0]) <= 1e-5
+    assert close(changed.logits[0], together.logits[0], 1e-5)
 
 
 def reference_loss(pixels, logits, mask, patch_size, norm_pix_loss):
@@ -164,10 +189,11 @@ def test_patchify_and_unpatchify_round_trip_on_non_square_images():
         model.unpatchify(patches)
 
 
-def test_masked_grn_statistics_come_from_visible_positions_of_each_sample_only():
-    grn = randomize_(ConvNextV2GRN(6))
-    features = torch.randn(2, 4, 4, 6)
-    visible = (torch.rand(2, 4, 4, 1) > 0.5).float()
+@pytest.mark.device
+def test_masked_grn_statistics_come_from_visible_positions_of_each_sample_only(device):
+    grn = randomize_(ConvNextV2GRN(6)).to(device)
+    features = torch.randn(2, 4, 4, 6).to(device)
+    visible = (torch.rand(2, 4, 4, 1) > 0.5).float().to(device)
     masked_out = grn(features, visible)
     for i in range(2):
         positions = features[i][visible[i, ..., 0].bool()]  # (V, C)
@@ -191,16 +217,20 @@ def test_fcmae_training_lowers_the_loss():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_gradient_checkpointing_on_the_sparse_path_gives_the_same_gradients():
-    model = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config())).train()
-    pixels, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 4)
+@pytest.mark.device
+@WITH_FAST_PATHS
+def test_gradient_checkpointing_on_the_sparse_path_gives_the_same_gradients(fast_paths, device):
+    # the training functions run again in the recomputed forward; CUDA's conv weight gradients sum in any order
+    tolerance = 1e-6 if device.type == "cpu" else 1e-5
+    model = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fast_paths=fast_paths))).train().to(device)
+    pixels, noise = torch.randn(2, 3, 64, 64).to(device), torch.rand(2, 4).to(device)
     model(pixels, noise=noise).loss.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model(pixels, noise=noise).loss.backward()
     for name, grad in expected.items():
-        assert max_diff(dict(model.named_parameters())[name].grad, grad) <= 1e-6, name
+        assert close(dict(model.named_parameters())[name].grad, grad, tolerance), name
 
 
 def test_final_norm_is_frozen_and_every_trainable_parameter_gets_a_gradient():
@@ -307,37 +337,47 @@ def test_torch_compile_of_the_sparse_path_matches_eager_without_graph_breaks():
             assert max_diff(compiled_grads[name], parameter.grad) <= 1e-5, name
 
 
+@pytest.mark.device
+@WITH_FAST_PATHS
 @pytest.mark.parametrize("fcmae_impl", ["sparse", "dense"])
-def test_training_gradients_under_bf16_autocast_and_in_fp16_are_finite_and_close_to_fp32(fcmae_impl):
+def test_training_gradients_under_bf16_autocast_and_in_fp16_are_finite_and_close_to_fp32(
+    fcmae_impl, fast_paths, device
+):
     # the training-only autograd functions (sparse depthwise conv, GELU-GRN-linear) replay autocast's dtype in
     # their backward by hand
-    model = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fcmae_impl=fcmae_impl))).train()
-    pixels, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 4)
+    torch.manual_seed(0)
+    config = tiny_config(fcmae_impl=fcmae_impl, fast_paths=fast_paths)
+    model = randomize_(ConvNextV2ForMaskedImageModeling(config)).train().to(device)
+    pixels, noise = torch.randn(2, 3, 64, 64).to(device), torch.rand(2, 4).to(device)
     model(pixels, noise=noise).loss.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         loss = model(pixels, noise=noise).loss
     loss.backward()
     autocast_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     model.half()(pixels.half(), noise=noise).loss.backward()
     half_grads = {name: p.grad.float() for name, p in model.named_parameters() if p.grad is not None}
-    for grads, tolerance in ((autocast_grads, 0.1), (half_grads, 0.05)):
+    # bounds on each parameter's relative error (L2): over 20 seeds on CPU, bf16 reached 0.08 and fp16 0.07 (the same
+    # with the fast paths off and in the built-in model: rounding, not a defect); the seed keeps this run's inputs fixed
+    for label, grads, bound in (("bf16 autocast", autocast_grads, 0.15), ("fp16", half_grads, 0.12)):
         assert grads.keys() == expected.keys()
         for name, grad in grads.items():
-            assert torch.isfinite(grad).all(), name
-            scale = expected[name].abs().max().item()
-            assert max_diff(grad.float(), expected[name]) <= tolerance * scale + 1e-6, name
+            assert torch.isfinite(grad).all(), (label, name)
+            assert relative_error(grad, expected[name]) <= bound, (label, name)
 
 
+@pytest.mark.device
+@WITH_FAST_PATHS
 @pytest.mark.parametrize("fcmae_impl", ["sparse", "dense"])
-def test_half_precision_and_autocast_stay_finite_and_close_to_fp32(fcmae_impl):
-    model = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fcmae_impl=fcmae_impl))).eval()
-    pixels, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 4)
+def test_half_precision_and_autocast_stay_finite_and_close_to_fp32(fcmae_impl, fast_paths, device):
+    config = tiny_config(fcmae_impl=fcmae_impl, fast_paths=fast_paths)
+    model = randomize_(ConvNextV2ForMaskedImageModeling(config)).eval().to(device)
+    pixels, noise = torch.randn(2, 3, 64, 64).to(device), torch.rand(2, 4).to(device)
     with torch.no_grad():
         expected = model(pixels, noise=noise)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             results = {"bf16 autocast": model(pixels, noise=noise)}
         for dtype in (torch.float16, torch.bfloat16):
             results[str(dtype)] = model.to(dtype)(pixels.to(dtype), noise=noise)

@@ -1,4 +1,9 @@
-"""Parity with transformers' built-in classes and timm, presets, and the model-level features."""
+"""Parity with transformers' built-in classes and timm, presets, and the model-level features.
+
+The tests marked `device` run on `--device` (cpu by default; `make gpu-check` runs them on CUDA, with TF32 off). Those
+that check the fast paths run twice: with `fast_paths=True` (the device's defaults, what a user gets: none on CUDA until
+measured, see `DEVICE_DEFAULTS`) and with every path named, so the paths themselves run on every device.
+"""
 
 import pytest
 import timm
@@ -14,11 +19,12 @@ from convnextv2_hf import (
     ConvNextV2ForImageClassification,
     ConvNextV2Model,
 )
+from convnextv2_hf.configuration_convnextv2 import FAST_PATH_NAMES
 from convnextv2_hf.modeling_convnextv2 import ConvNextV2GRN, ConvNextV2Layer
 
 BUILTIN_TOLERANCE = 1e-5
 TIMM_TOLERANCE = 1e-4
-# official table (README beside OFFICIAL.md), params with a 1000-class head, in millions at the table's rounding
+# the official README's table: params with a 1000-class head, in millions at the table's rounding
 OFFICIAL_PARAMS = {
     "atto": 3.7,
     "femto": 5.2,
@@ -41,49 +47,75 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """||got - expected|| / ||expected|| (L2 over the whole tensor, in fp32)."""
+    expected = expected.float()
+    return ((got.float() - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+
+
+def close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
+    """``got`` within ``tolerance`` of ``expected``, relative to the larger of 1 and ``expected``'s largest value (fp32
+    rounding grows with the values; stage-4 hidden states and gradients are not all below 1)."""
+    return max_diff(got, expected) <= tolerance * max(1.0, expected.abs().max().item())
+
+
+# the device's defaults (True) and every fast path by name: on CUDA the defaults run none of them (DEVICE_DEFAULTS)
+WITH_FAST_PATHS = pytest.mark.parametrize("fast_paths", [True, list(FAST_PATH_NAMES)], ids=["defaults", "all"])
+
+
+@pytest.mark.device
+@WITH_FAST_PATHS
 @pytest.mark.parametrize("image_size", [(64, 64), (96, 160)])
 @pytest.mark.parametrize("num_channels", [3, 1])
-def test_classifier_matches_builtin_with_shared_weights(image_size, num_channels):
-    config = tiny_config(num_channels=num_channels, layer_norm_eps=1e-12)
+def test_classifier_matches_builtin_with_shared_weights(image_size, num_channels, fast_paths, device):
+    config = tiny_config(num_channels=num_channels, layer_norm_eps=1e-12, fast_paths=fast_paths)
     ours = randomize_(ConvNextV2ForImageClassification(config)).eval()
     reference = builtin.ConvNextV2ForImageClassification(builtin_config(config)).eval()
     reference.load_state_dict(ours.state_dict(), strict=True)
-    pixels = torch.randn(2, num_channels, *image_size)
+    ours, reference = ours.to(device), reference.to(device)
+    pixels = torch.randn(2, num_channels, *image_size).to(device)
     with torch.no_grad():
         a = ours(pixels, output_hidden_states=True)
         b = reference(pixels, output_hidden_states=True)
-    assert max_diff(a.logits, b.logits) <= BUILTIN_TOLERANCE
+    assert close(a.logits, b.logits, BUILTIN_TOLERANCE)
     assert len(a.hidden_states) == len(b.hidden_states) == 5
     for ours_state, reference_state in zip(a.hidden_states, b.hidden_states, strict=True):
-        assert max_diff(ours_state, reference_state) <= BUILTIN_TOLERANCE
+        assert close(ours_state, reference_state, BUILTIN_TOLERANCE)
 
 
-def test_state_dicts_load_strictly_both_ways_and_model_outputs_match(config):
+@pytest.mark.device
+@WITH_FAST_PATHS
+def test_state_dicts_load_strictly_both_ways_and_model_outputs_match(fast_paths, device):
+    config = tiny_config(fast_paths=fast_paths)
     ours = randomize_(ConvNextV2Model(config)).eval()
     reference = builtin.ConvNextV2Model(builtin_config(config)).eval()
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
     reference.load_state_dict(ours.state_dict(), strict=True)
     ours_again = ConvNextV2Model(config).eval()
     ours_again.load_state_dict(reference.state_dict(), strict=True)
-    pixels = torch.randn(2, 3, 64, 96)
+    ours, reference, ours_again = ours.to(device), reference.to(device), ours_again.to(device)
+    pixels = torch.randn(2, 3, 64, 96).to(device)
     with torch.no_grad():
         a, b, c = ours(pixels), reference(pixels), ours_again(pixels)
-    assert max_diff(a.last_hidden_state, b.last_hidden_state) <= BUILTIN_TOLERANCE
-    assert max_diff(a.pooler_output, b.pooler_output) <= BUILTIN_TOLERANCE
+    assert close(a.last_hidden_state, b.last_hidden_state, BUILTIN_TOLERANCE)
+    assert close(a.pooler_output, b.pooler_output, BUILTIN_TOLERANCE)
     assert max_diff(a.pooler_output, c.pooler_output) == 0.0
 
 
-def test_backbone_matches_builtin_feature_maps():
-    config = tiny_config(out_features=["stem", "stage2", "stage4"])
+@pytest.mark.device
+@WITH_FAST_PATHS
+def test_backbone_matches_builtin_feature_maps(fast_paths, device):
+    config = tiny_config(out_features=["stem", "stage2", "stage4"], fast_paths=fast_paths)
     ours = randomize_(ConvNextV2Backbone(config)).eval()
     reference = builtin.ConvNextV2Backbone(builtin_config(config)).eval()
     reference.load_state_dict(ours.state_dict(), strict=True)
-    pixels = torch.randn(2, 3, 64, 128)
+    ours, reference = ours.to(device), reference.to(device)
+    pixels = torch.randn(2, 3, 64, 128).to(device)
     with torch.no_grad():
         a, b = ours(pixels), reference(pixels)
     assert [tuple(m.shape) for m in a.feature_maps] == [(2, 8, 16, 32), (2, 16, 8, 16), (2, 32, 2, 4)]
     for ours_map, reference_map in zip(a.feature_maps, b.feature_maps, strict=True):
-        assert max_diff(ours_map, reference_map) <= BUILTIN_TOLERANCE
+        assert close(ours_map, reference_map, BUILTIN_TOLERANCE)
     assert a.hidden_states is None
     assert len(ours(pixels, output_hidden_states=True).hidden_states) == 5
 
@@ -167,14 +199,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(config):
         assert max_diff(parameter.grad, expected[name]) <= 1e-6, name
 
 
-def test_channels_last_inputs_give_the_same_outputs(config):
-    model = randomize_(ConvNextV2ForImageClassification(config)).eval()
-    pixels = torch.randn(2, 3, 64, 96)
+@pytest.mark.device
+@WITH_FAST_PATHS
+def test_channels_last_inputs_give_the_same_outputs(fast_paths, device):
+    model = randomize_(ConvNextV2ForImageClassification(tiny_config(fast_paths=fast_paths))).eval().to(device)
+    pixels = torch.randn(2, 3, 64, 96).to(device)
     with torch.no_grad():
         expected = model(pixels).logits
         model_cl = model.to(memory_format=torch.channels_last)
         got = model_cl(pixels.contiguous(memory_format=torch.channels_last)).logits
-    assert max_diff(got, expected) <= 1e-5
+    assert close(got, expected, 1e-5)
 
 
 def test_torch_compile_matches_eager(config):
@@ -295,12 +329,13 @@ def test_return_dict_false_gives_tuples(config):
     assert isinstance(outputs, tuple) and outputs[1].shape == (1, 5)
 
 
-def test_half_precision_grn_does_not_overflow():
-    grn = ConvNextV2GRN(8)
+@pytest.mark.device
+def test_half_precision_grn_does_not_overflow(device):
+    grn = ConvNextV2GRN(8).to(device)
     with torch.no_grad():
         grn.weight.fill_(0.5)
     # 64 positions of 1e4: each value fits fp16 but the L2 norm (8e4) does not; the built-in GRN gives NaN here
-    features = torch.full((1, 8, 8, 8), 1.0e4)
+    features = torch.full((1, 8, 8, 8), 1.0e4, device=device)
     features[..., 0] = 100.0
     expected = grn(features)
     for dtype in (torch.float16, torch.bfloat16):
@@ -310,18 +345,21 @@ def test_half_precision_grn_does_not_overflow():
         assert max_diff(got, expected) / expected.abs().max().item() < 1e-2, dtype
 
 
-def test_training_gradients_match_the_builtin_model(config):
+@pytest.mark.device
+@WITH_FAST_PATHS
+def test_training_gradients_match_the_builtin_model(fast_paths, device):
     # the whole block in training mode (GELU, GRN and pwconv2 as one function) against transformers' autograd
+    config = tiny_config(fast_paths=fast_paths)
     ours = randomize_(ConvNextV2ForImageClassification(config)).train()
     reference = builtin.ConvNextV2ForImageClassification(builtin_config(config)).train()
     reference.load_state_dict(ours.state_dict(), strict=True)
-    pixels, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 3])
+    ours, reference = ours.to(device), reference.to(device)
+    pixels, labels = torch.randn(2, 3, 64, 64).to(device), torch.tensor([1, 3], device=device)
     ours(pixels, labels=labels).loss.backward()
     reference(pixels, labels=labels).loss.backward()
     reference_parameters = dict(reference.named_parameters())
     for name, parameter in ours.named_parameters():
-        expected = reference_parameters[name].grad
-        assert max_diff(parameter.grad, expected) <= 1e-5 * max(1.0, expected.abs().max().item()), name
+        assert close(parameter.grad, reference_parameters[name].grad, 1e-5), name
 
 
 def test_torch_func_grad_gives_the_autograd_gradients(config):
@@ -339,10 +377,12 @@ def test_torch_func_grad_gives_the_autograd_gradients(config):
         assert max_diff(grads[name], parameter.grad) <= 1e-5 * max(1.0, parameter.grad.abs().max().item()), name
 
 
+@pytest.mark.device
+@WITH_FAST_PATHS
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_classifier_is_finite_where_fp32_is(config, dtype):
-    model = randomize_(ConvNextV2ForImageClassification(config)).eval()
-    pixels = torch.randn(2, 3, 64, 64)
+def test_half_precision_classifier_is_finite_where_fp32_is(dtype, fast_paths, device):
+    model = randomize_(ConvNextV2ForImageClassification(tiny_config(fast_paths=fast_paths))).eval().to(device)
+    pixels = torch.randn(2, 3, 64, 64).to(device)
     with torch.no_grad():
         for layer in model.modules():
             if isinstance(layer, ConvNextV2Layer):  # activations of ~100 at GRN: fp16 sums of their squares overflow
@@ -351,3 +391,30 @@ def test_half_precision_classifier_is_finite_where_fp32_is(config, dtype):
         got = model.to(dtype)(pixels.to(dtype)).logits.float()
     assert torch.isfinite(expected).all() and torch.isfinite(got).all()
     assert max_diff(got, expected) / expected.abs().max().item() < 5e-2
+
+
+@pytest.mark.device
+@WITH_FAST_PATHS
+def test_training_gradients_under_bf16_autocast_and_in_fp16_are_finite_and_close_to_fp32(fast_paths, device):
+    # the training function (GELU, GRN, pwconv2) replays autocast's dtype in its backward by hand; fp16 weights run it
+    # in fp16 throughout, with GRN's norm accumulated in fp32
+    torch.manual_seed(0)
+    model = randomize_(ConvNextV2ForImageClassification(tiny_config(fast_paths=fast_paths))).train().to(device)
+    pixels, labels = torch.randn(2, 3, 64, 64).to(device), torch.tensor([1, 3], device=device)
+    model(pixels, labels=labels).loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss = model(pixels, labels=labels).loss
+    loss.backward()
+    autocast_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    model.half()(pixels.half(), labels=labels).loss.backward()
+    half_grads = {name: p.grad.float() for name, p in model.named_parameters()}
+    # bounds on each parameter's relative error (L2): over 20 seeds on CPU, bf16 reached 0.08 and fp16 0.07 (the same
+    # with the fast paths off and in the built-in model: rounding, not a defect); the seed keeps this run's inputs fixed
+    for label, grads, bound in (("bf16 autocast", autocast_grads, 0.15), ("fp16", half_grads, 0.12)):
+        assert grads.keys() == expected.keys()
+        for name, grad in grads.items():
+            assert torch.isfinite(grad).all(), (label, name)
+            assert relative_error(grad, expected[name]) <= bound, (label, name)
