@@ -41,6 +41,13 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "device: runs on the device given by --device (cpu by default)")
+    value = config.getoption("--device")
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise pytest.UsageError(f"--device {value!r} is not a device; use cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"--device {value!r}: the device tests run on cpu or cuda[:N]")
 
 
 @pytest.fixture(scope="session")
