@@ -321,3 +321,23 @@ def test_a_truncated_image_stops_pretraining_with_its_name_or_is_skipped_with_a_
         record.getMessage().split(":")[0] for record in caplog.records if "skipping unreadable" in record.getMessage()
     }
     assert skipped == {f"skipping unreadable image {data / '03.jpg'}", f"skipping unreadable image {data / '05.png'}"}
+
+
+def test_the_pretraining_script_resumed_from_a_checkpoint_ends_with_the_uninterrupted_weights(tmp_path):
+    """Random crops, flips and masks included: 3 epochs of 5 steps straight through, against a run stopped after
+    step 7 (checkpoint at 5) and resumed from checkpoint-5. Constant lr, so stopping early changes no schedule."""
+    data = photo_folder(tmp_path / "images", count=10)
+    common = pretrain_argv(tmp_path, "--train_dir", str(data), "--num_train_epochs", "3", "--learning_rate", "1e-3",
+                           "--lr_scheduler_type", "constant", "--save_strategy", "steps",
+                           "--save_steps", "5")  # fmt: skip
+    pretrain_fcmae.main([*common, "--output_dir", str(tmp_path / "full")])
+    pretrain_fcmae.main([*common, "--output_dir", str(tmp_path / "part"), "--max_steps", "7"])
+    checkpoint = tmp_path / "part" / "checkpoint-5"
+    pretrain_fcmae.main([*common, "--output_dir", str(tmp_path / "part"), "--resume_from_checkpoint", str(checkpoint)])
+    full, resumed = (
+        load_file(tmp_path / "full" / "model.safetensors"),
+        load_file(tmp_path / "part" / "model.safetensors"),
+    )
+    first_part = load_file(checkpoint / "model.safetensors")
+    assert max((full[k] - first_part[k]).abs().max().item() for k in full) > 1e-4  # steps 6-15 did train
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
