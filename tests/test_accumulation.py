@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import free_port, randomize_, tiny_config
 from safetensors.torch import load_file
 
 from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
@@ -96,7 +96,7 @@ def test_whole_batch_step_is_minus_the_gradient_of_the_mean_loss(whole_batch, ca
 def two_process_updates(tmp_path_factory) -> dict[str, torch.Tensor]:
     folder = tmp_path_factory.mktemp("torchrun")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
     command += [str(SCRIPTS / "accumulation_updates.py"), str(folder / "updates.safetensors")]
     result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import PIL.Image
 import pytest
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -110,7 +111,7 @@ def test_finetune_script_runs_unchanged_under_torchrun_with_two_processes(tmp_pa
     data = digit_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=4)
     output = tmp_path / "out"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
         str(ROOT / "examples" / "finetune_image_classification.py"),
         "--data_dir", str(data), "--model_size", "atto", "--image_size", "64", "--output_dir", str(output),
         "--use_cpu", "--report_to", "none", "--max_steps", "2", "--per_device_train_batch_size", "2",

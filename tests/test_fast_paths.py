@@ -73,7 +73,8 @@ def test_each_fast_path_alone_gives_the_reference_outputs_and_gradients(name, de
     if model_class is None:
         reference = randomize_(ConvNextV2ForImageClassification(reference_config)).to(device)
         model = ConvNextV2ForImageClassification(fast_config).to(device)
-        inputs = {"pixel_values": torch.randn(3, 3, 96, 64, device=device), "labels": torch.tensor([0, 2, 4]).to(device)}
+        labels = torch.tensor([0, 2, 4], device=device)
+        inputs = {"pixel_values": torch.randn(3, 3, 96, 64, device=device), "labels": labels}
     else:
         reference = randomize_(ConvNextV2ForMaskedImageModeling(reference_config)).to(device)
         model = ConvNextV2ForMaskedImageModeling(fast_config).to(device)
@@ -108,7 +109,8 @@ def test_fast_paths_false_runs_none_and_true_runs_the_device_defaults(device, co
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64, device=device))
     ran = {name for name, evidence in EVIDENCE.items() if count_calls.get(evidence)}
-    expected = set(fast.DEVICE_DEFAULTS.get(device.type, frozenset())) - {"fused_gelu_grn_linear", "sparse_depthwise_conv"}
+    training_only = {"fused_gelu_grn_linear", "sparse_depthwise_conv"}
+    expected = set(fast.DEVICE_DEFAULTS.get(device.type, frozenset())) - training_only
     assert ran == expected
 
 
@@ -214,7 +216,8 @@ def test_grn_gradients_are_finite_with_an_all_zero_channel(path, device):
         activated = gelu(h)
         got = fast.grn_into_linear(grn, activated, linear, None, fast.square_sum_norm(activated.flatten(1, 2)))
     else:
-        got = fast.GeluGrnLinear.apply(h, grn.weight, grn.bias, linear.weight, linear.bias, grn, linear, None, True, True)
+        parameters = (grn.weight, grn.bias, linear.weight, linear.bias)
+        got = fast.GeluGrnLinear.apply(h, *parameters, grn, linear, None, True, True)
     grads = torch.autograd.grad(got.square().sum(), [h, grn.weight])
     for got_grad, expected_grad in zip(grads, expected_grads, strict=True):
         assert torch.isfinite(got_grad).all()

@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import free_port, tiny_config
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -281,7 +281,7 @@ def test_streaming_pretraining_on_a_local_folder_is_reproducible(tmp_path):
 def test_streaming_pretraining_under_torchrun_with_two_processes(tmp_path):
     data = photo_folder(tmp_path / "images", count=6)
     output = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                str(ROOT / "examples" / "pretrain_fcmae.py"), *pretrain_argv(tmp_path, "--train_dir", str(data)),
                "--streaming", "--max_steps", "3", "--ddp_find_unused_parameters", "false",
                "--logging_steps", "1"]  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import free_port, tiny_config
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -342,7 +342,10 @@ def test_fcmae_loss_under_gradient_accumulation_and_ddp_equals_one_process(tmp_p
     runs = {
         "single": [sys.executable, script, "single.st", "4", "1"],
         "accumulated": [sys.executable, script, "accumulated.st", "2", "2"],
-        "ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, "ddp.st", "2", "1"],
+        "ddp": [
+            *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()),
+            *(script, "ddp.st", "2", "1"),
+        ],
     }
     for name, command in runs.items():
         result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
