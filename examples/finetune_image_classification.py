@@ -31,7 +31,7 @@ from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification, Co
 from convnextv2_hf.configuration_convnextv2 import PRESETS
 from convnextv2_hf.metrics import load_top_k_accuracy
 from convnextv2_hf.recipes import FINETUNE_HEAD_INIT_STD, FinetuneTrainingArguments, create_model_card
-from convnextv2_hf.training import EMACallback, layer_decay_optimizer
+from convnextv2_hf.training import EMACallback, layer_decay_optimizer, resume_checkpoint
 from convnextv2_hf.transforms import MixUpCutMixCollator, finetuning_transform, with_image_transform
 
 logger = logging.getLogger(__name__)
@@ -207,11 +207,12 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(argv)
     setup_logging(training_args)
     logger.info("effective training hyper-parameters\n" + training_args.recipe_report())
+    resume = resume_checkpoint(training_args)  # True/last -> the newest checkpoint; a bad one stops us here
     trainer = build_trainer(model_args, data_args, training_args)
     model, validation = trainer.model, trainer.eval_dataset
     ema = next((callback for callback in trainer.callback_handler.callbacks if isinstance(callback, EMACallback)), None)
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate(eval_dataset=validation, metric_key_prefix="eval")
     if ema is not None:
         trained = {k: v.clone() for k, v in model.state_dict().items()}

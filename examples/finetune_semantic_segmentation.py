@@ -51,7 +51,6 @@ from convnextv2_hf.transforms import IMAGE_EXTENSIONS
 logger = logging.get_logger(__name__)
 
 OUT_FEATURES = ["stage1", "stage2", "stage3", "stage4"]  # UperNet fuses all four stages
-TOTAL_STRIDE = 32
 MASK_MODES = ("1", "L", "P", "I", "I;16")  # single-channel modes whose values are class ids
 # the fields that shape the encoder; the rest of a checkpoint's config (classifier labels, FCMAE decoder) stays out
 ENCODER_FIELDS = ("num_channels", "patch_size", "num_stages", "hidden_sizes", "depths", "hidden_act", "layer_norm_eps")
@@ -83,7 +82,7 @@ class DataArguments:
     class_names: str | None = field(default=None, metadata={"help": "comma-separated class names, id = position"})
     num_labels: int | None = field(default=None, metadata={"help": "number of classes, when names are not given"})
     ignore_index: int = field(default=255, metadata={"help": "mask value that no loss or metric counts"})
-    image_size: int = field(default=512, metadata={"help": "training crop and evaluation size, a multiple of 32"})
+    image_size: int = field(default=512, metadata={"help": "training crop and evaluation size, at least 32"})
     min_scale: float = field(default=0.5, metadata={"help": "smallest area fraction of a random crop (1 = no crop)"})
     horizontal_flip: bool = True
 
@@ -108,8 +107,9 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
         raise ValueError("give exactly one of --train_dir and --dataset_name")
     if data_args.validation_dir is not None and data_args.train_dir is None:
         raise ValueError("--validation_dir goes with --train_dir (a dataset brings its own splits)")
-    if data_args.image_size <= 0 or data_args.image_size % TOTAL_STRIDE:
-        raise ValueError(f"image_size must be a positive multiple of {TOTAL_STRIDE}, got {data_args.image_size}")
+    stride = ConvNextV2Config().total_stride  # the encoder's: every stage keeps at least one position from here on
+    if data_args.image_size < stride:
+        raise ValueError(f"image_size must be at least the total stride {stride}, got {data_args.image_size}")
     if not 0.0 < data_args.min_scale <= 1.0:
         raise ValueError(f"min_scale must be in (0, 1], got {data_args.min_scale}")
     if not 0.0 < data_args.validation_fraction < 1.0:

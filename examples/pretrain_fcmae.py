@@ -36,6 +36,7 @@ from convnextv2_hf.training import (
     FCMAEMaskEpochCallback,
     FCMAEReconstructionCallback,
     fcmae_loss,
+    resume_checkpoint,
     skips_weight_decay,
 )
 from convnextv2_hf.transforms import (
@@ -240,9 +241,10 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(argv)
     setup_logging(training_args)
     logger.info("effective training hyper-parameters\n" + training_args.recipe_report())
+    resume = resume_checkpoint(training_args)  # True/last -> the newest checkpoint; a bad one stops us here
     trainer = build_trainer(model_args, data_args, training_args)
 
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     metrics = dict(result.metrics)
     trainer.log_metrics("train", result.metrics)

@@ -341,3 +341,9 @@ def test_the_pretraining_script_resumed_from_a_checkpoint_ends_with_the_uninterr
     first_part = load_file(checkpoint / "model.safetensors")
     assert max((full[k] - first_part[k]).abs().max().item() for k in full) > 1e-4  # steps 6-15 did train
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+    # "True" resumes from the newest checkpoint in --output_dir (here checkpoint-15, the resumed run's last); a
+    # truncated weights file there is named before any training starts
+    weights = tmp_path / "part" / "checkpoint-15" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"checkpoint-15/model\.safetensors is not a complete safetensors file"):
+        pretrain_fcmae.main([*common, "--output_dir", str(tmp_path / "part"), "--resume_from_checkpoint", "True"])
