@@ -12,7 +12,10 @@ value is a ``ValueError`` that names the field and the value.
 from __future__ import annotations
 
 import difflib
+import json
 import math
+import numbers
+import os
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
@@ -59,11 +62,21 @@ PRETRAINED_CONFIG_KWARGS = (
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a size
+    # numbers.Integral: NumPy's integer scalars too (sizes read off an array); True is an int to Python, not a size
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _plain(value: Any) -> Any:
+    """NumPy scalars (alone or in a list or tuple) as Python ints and floats, which JSON and transformers take."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _positive_int(value: Any) -> str | None:
@@ -122,6 +135,32 @@ def _fcmae_impl(value: Any) -> str | None:
     return None if ok else f"must be one of {FCMAE_IMPLEMENTATIONS}"
 
 
+def _num_labels(value: Any) -> str | None:
+    # transformers would turn a negative count into no label at all (a model without a head), silently
+    return None if _is_int(value) and value >= 0 else "must be an int >= 0 (0: no classification head)"
+
+
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+
+def _problem_type(value: Any) -> str | None:
+    # transformers keeps any string, and the loss would then silently be single-label cross-entropy
+    return None if value in PROBLEM_TYPES else f"must be one of {PROBLEM_TYPES}"
+
+
+def _dtype(value: Any) -> str | None:
+    # transformers turns a string into ``getattr(torch, value)``: an AttributeError from inside torch for a typo
+    try:
+        import torch
+    except ImportError:  # a config can be read without torch; transformers then keeps the string
+        return None if value is None or isinstance(value, str) else "must be None or a dtype name"
+    if value is None or isinstance(value, torch.dtype) or value == "auto":  # from_dict sets pipeline()'s "auto"
+        return None
+    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        return None
+    return "must be None, 'auto', a torch.dtype or the name of one ('float32', 'bfloat16', 'float16', ...)"
+
+
 def _fast_paths(value: Any) -> str | None:
     if isinstance(value, bool):
         return None
@@ -151,6 +190,9 @@ FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     "norm_pix_loss": _bool,
     "fcmae_impl": _fcmae_impl,
     "fast_paths": _fast_paths,
+    "num_labels": _num_labels,
+    "problem_type": _problem_type,
+    "dtype": _dtype,
 }
 
 # transformers types these as plain ``float``, and its strict type check refuses an int such as 1
@@ -169,8 +211,8 @@ def check_field(name: str, value: Any) -> Any:
     if problem is not None:
         raise ValueError(f"{name} {problem}, got {name}={value!r}")
     if name in _FLOAT_FIELDS:
-        value = float(value)
-    return value
+        return float(value)
+    return _plain(value)
 
 
 def _total_stride(patch_size: int | list[int] | tuple[int, int], num_stages: int) -> int:
@@ -332,6 +374,39 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
         if overrides:
             config_dict = {**config_dict, **overrides}
         return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        """As transformers' ``get_config_dict``, but a folder without ``config.json`` is a ``ValueError``:
+        transformers gives an empty dict there, so ``from_pretrained`` would build a default ConvNeXt V2-Tiny. A
+        path that can only be local (absolute, ``./``, ``~`` or more than one ``/``) and does not exist is a
+        ``ValueError`` too, where transformers would take it for a Hub repository id."""
+        text = os.fspath(pretrained_model_name_or_path)
+        windows_path = os.sep != "/" and os.sep in text
+        looks_local = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or windows_path
+        if looks_local and "://" not in text and not os.path.exists(os.path.expanduser(text)):
+            raise ValueError(f"{text!r} does not exist (a local path; a Hub repository id is 'namespace/name')")
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if not config_dict:
+            name = kwargs.get("_configuration_file") or "config.json"
+            raise ValueError(
+                f"{os.fspath(pretrained_model_name_or_path)!r} has no {name}: it is not a saved ConvNeXt V2 model or "
+                "config (save_pretrained writes one)"
+            )
+        return config_dict, kwargs
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file) -> dict[str, Any]:
+        # transformers turns invalid JSON into an OSError naming no cause, and a JSON list into an AttributeError
+        try:
+            config_dict = super()._dict_from_json_file(json_file)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{os.fspath(json_file)} is not a valid JSON file: {error}") from None
+        if not isinstance(config_dict, dict):
+            raise ValueError(
+                f"{os.fspath(json_file)} holds a JSON {type(config_dict).__name__}, not an object of config values"
+            )
+        return config_dict
 
     @classmethod
     def known_kwargs(cls) -> list[str]:

@@ -19,8 +19,9 @@ Input images, checked one by one before processing (``prepare_images``); a bad o
   like the PIL modes above; bool as 0/255 (as PIL's mode "1"); other integer types when within 0..255;
   floating point as given (finite values only). Floating-point images whose values all lie in [0, 1] get a
   ``UserWarning`` when ``do_rescale`` is on, since dividing by 255 again would leave them nearly black.
-- Local file paths (``str`` or ``os.PathLike``), opened with PIL. PIL opens files lazily; each image is
-  decoded here, so a truncated file fails with its index instead of deep inside the resize.
+- Local file paths (``str`` or ``os.PathLike``) and encoded image files as ``bytes``, opened with PIL. PIL
+  opens files lazily; each image is decoded here, so a truncated file fails with its index instead of deep
+  inside the resize. A grey (H, W) array or tensor is read as one channel.
 
 Saved processors load with stock transformers alone: for the ``convnextv2`` model type it falls back to its
 built-in ConvNeXt processor with our saved values (mean, std, size, crop_pct, bicubic), which gives the same
@@ -32,6 +33,7 @@ the backend that saved the folder (see ``register_saved_pil_type``).
 
 from __future__ import annotations
 
+import io
 import numbers
 import os
 import warnings
@@ -40,6 +42,8 @@ from collections.abc import Sequence
 import numpy as np
 import PIL.Image
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from torchvision.transforms import InterpolationMode
 from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 from transformers.image_transforms import get_resize_output_image_size
 from transformers.image_utils import (
@@ -64,12 +68,17 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _SIZE_KEYS = ("shortest_edge", "longest_edge", "height", "width", "max_height", "max_width")
 
 
-def check_settings(crop_pct, size, image_mean, image_std, rescale_factor) -> None:
+def check_settings(crop_pct, size, image_mean, image_std, rescale_factor, resample=None) -> None:
     """``ValueError`` naming the field for settings the processors cannot use: ``crop_pct`` outside (0, 1], a
     size that is not a positive integer ``shortest_edge``, ``image_mean``/``image_std`` that are not one number
-    or three (one per RGB channel), a std that is not positive, a ``rescale_factor`` that is not positive."""
+    or three (one per RGB channel), a std that is not positive, a ``rescale_factor`` that is not positive, a
+    ``resample`` that is not a ``PILImageResampling`` filter (or a torchvision ``InterpolationMode``)."""
     if isinstance(crop_pct, bool) or not isinstance(crop_pct, numbers.Real) or not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be a number in (0, 1] (officially {EVAL_CROP_PCT}), got {crop_pct!r}")
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
+        size = {"shortest_edge": size}  # what transformers makes of an int size for these processors
+    if not isinstance(size, (dict, SizeDict, type(None))):
+        raise ValueError(f"size must be {{'shortest_edge': S}} or an int S, got {size!r}")
     size_dict = {key: value for key, value in dict(size or {}).items() if value is not None}
     for key, value in size_dict.items():
         if key in _SIZE_KEYS and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0):
@@ -94,12 +103,42 @@ def check_settings(crop_pct, size, image_mean, image_std, rescale_factor) -> Non
                 raise ValueError(f"image_std must be positive (it divides the pixels), got {values!r}")
     if isinstance(rescale_factor, bool) or not isinstance(rescale_factor, numbers.Real) or not rescale_factor > 0:
         raise ValueError(f"rescale_factor must be a positive number (1/255 for 8-bit pixels), got {rescale_factor!r}")
+    if not _known_resample(resample):
+        names = ", ".join(f"{member.name} ({member.value})" for member in PILImageResampling)
+        raise ValueError(f"resample must be a PILImageResampling filter: {names}; got {resample!r}")
+
+
+def _known_resample(resample) -> bool:
+    if resample is None or isinstance(resample, InterpolationMode):
+        return True
+    if isinstance(resample, bool) or not isinstance(resample, numbers.Integral):
+        return False  # the backends look the filter up by its number: a name such as "bicubic" fails there
+    return int(resample) in {member.value for member in PILImageResampling}
+
+
+# the per-call arguments transformers types as float (or lists of floats): it refuses an int such as crop_pct=1
+_FLOAT_KWARGS = ("crop_pct", "rescale_factor", "image_mean", "image_std")
+
+
+def _float_kwargs(kwargs: dict) -> dict:
+    """``kwargs`` with whole numbers given for float arguments as floats (1 -> 1.0, [0, 1, 1] -> [0.0, 1.0, 1.0])."""
+
+    def as_float(value):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, (list, tuple)) and all(
+            isinstance(item, numbers.Real) and not isinstance(item, bool) for item in value
+        ):
+            return [float(item) for item in value]
+        return value
+
+    return {key: as_float(value) if key in _FLOAT_KWARGS else value for key, value in kwargs.items()}
 
 
 def _batch_as_list(images) -> list:
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
         return list(images)
-    if isinstance(images, Sequence) and not isinstance(images, str):
+    if isinstance(images, Sequence) and not isinstance(images, (str, bytes, bytearray)):
         return list(images)
     return [images]
 
@@ -135,6 +174,13 @@ def _open_path(path) -> PIL.Image.Image:
         return PIL.Image.open(path)
     except Exception as error:  # PIL raises several types for files it cannot identify
         raise ValueError(f"cannot open {os.fspath(path)!r} as an image ({type(error).__name__}: {error})") from None
+
+
+def _open_bytes(data: bytes) -> PIL.Image.Image:
+    try:
+        return PIL.Image.open(io.BytesIO(data))
+    except Exception as error:  # PIL raises several types for data it cannot identify
+        raise ValueError(f"cannot read {len(data)} bytes as an image file ({type(error).__name__}: {error})") from None
 
 
 def _prepare_pil(image: PIL.Image.Image) -> PIL.Image.Image:
@@ -177,6 +223,8 @@ def _prepare_array(image):
         raise ValueError(f"has no pixels (shape {shape})")
     if image.ndim == 3 and shape[0] not in (1, 3, 4) and shape[-1] not in (1, 3, 4):
         raise ValueError(f"shape {shape} has no channel axis of 1, 3 or 4 first or last")
+    if image.ndim == 2:  # a grey (H, W) image: transformers reads only arrays with a channel axis
+        image = image[None]
     kind = _pixel_kind(image)
     if kind == "bool":
         return image.to(torch.uint8) * 255 if is_tensor else image.astype(np.uint8) * 255
@@ -222,13 +270,15 @@ def prepare_images(images, do_rescale: bool = True) -> list:
         try:
             if isinstance(image, (str, os.PathLike)):
                 image = _open_path(image)
+            elif isinstance(image, (bytes, bytearray)):
+                image = _open_bytes(bytes(image))
             if isinstance(image, PIL.Image.Image):
                 image = _prepare_pil(image)
             elif isinstance(image, (np.ndarray, torch.Tensor)):
                 image = _prepare_array(image)
             else:
                 kind = "None" if image is None else f"{type(image).__name__} {image!r}"[:200]
-                raise ValueError(f"is not an image (PIL image, array, tensor or file path), got {kind}")
+                raise ValueError(f"is not an image (PIL image, array, tensor, file path or bytes), got {kind}")
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
         if do_rescale and _looks_rescaled(image):
@@ -242,6 +292,9 @@ def prepare_images(images, do_rescale: bool = True) -> list:
             stacklevel=4,
         )
     return prepared
+
+
+_CHECKED_SETTINGS = ("crop_pct", "size", "image_mean", "image_std", "rescale_factor", "resample")
 
 
 class _OfficialEvalDefaults:
@@ -261,20 +314,31 @@ class _OfficialEvalDefaults:
         # Checked here, so bad values fail when the processor is built, also through from_dict / from_pretrained
         # (both build it from the saved values with the keyword overrides applied).
         super().__init__(**kwargs)
-        check_settings(self.crop_pct, self.size, self.image_mean, self.image_std, self.rescale_factor)
+        check_settings(*(getattr(self, name) for name in _CHECKED_SETTINGS))
+
+    def _check_call_settings(self, kwargs: dict) -> None:
+        # None in a call's kwargs means the processor's own value
+        check_settings(
+            *(getattr(self, name) if kwargs.get(name) is None else kwargs[name] for name in _CHECKED_SETTINGS)
+        )
 
     def _validate_preprocess_kwargs(self, **kwargs):
-        # The same checks for values given to a single call, e.g. processor(images, crop_pct=...); None there
-        # means the processor's own value.
-        names = ("crop_pct", "size", "image_mean", "image_std", "rescale_factor")
-        check_settings(*(getattr(self, name) if kwargs.get(name) is None else kwargs[name] for name in names))
+        self._check_call_settings(kwargs)
         super()._validate_preprocess_kwargs(**kwargs)
 
     def preprocess(self, images, *args, **kwargs):
-        """As the ConvNeXt processors, after checking and reading each input image (see ``prepare_images``)."""
+        """As the ConvNeXt processors, after checking the settings of this call and reading each input image (see
+        ``prepare_images``). Whole numbers are fine for float settings (``crop_pct=1``); a bad setting is a
+        ``ValueError`` naming it, transformers' own type checks included."""
+        kwargs = _float_kwargs(kwargs)
+        self._check_call_settings(kwargs)  # before transformers' type checks, which would name only the type
         do_rescale = kwargs.get("do_rescale")
         do_rescale = self.do_rescale if do_rescale is None else do_rescale
-        return super().preprocess(prepare_images(images, do_rescale=do_rescale), *args, **kwargs)
+        images = prepare_images(images, do_rescale=do_rescale)
+        try:
+            return super().preprocess(images, *args, **kwargs)
+        except StrictDataclassError as error:  # a call argument of the wrong type (do_rescale="yes", ...)
+            raise ValueError(f"invalid image processor argument: {error}") from None
 
     def to_dict(self) -> dict:
         # Never one of our class names in preprocessor_config.json: stock transformers refuses a folder whose
