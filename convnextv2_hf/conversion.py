@@ -465,7 +465,11 @@ def _build_config(architecture: Architecture, layout: Layout, resolution: int, t
             mask_ratio=float(training_args.get("mask_ratio", 0.6)),
             norm_pix_loss=bool(training_args.get("norm_pix_loss", True)),
         )
-    return ConvNextV2Config(**fields)
+    try:
+        return ConvNextV2Config(**fields)
+    except ValueError as error:  # a value the pretraining script stored in the file, not one the user gave
+        stored = f" (from the checkpoint's stored training args {training_args})" if training_args else ""
+        raise ValueError(f"{error}{stored}") from None
 
 
 def _describe(names: list[str], origin: dict[str, str] | None = None, limit: int = 8) -> str:
@@ -510,8 +514,16 @@ def convert_state_dict(
             f"of {architecture.size!r}, not of the expected model {size!r}"
         )
     training_args = original.training_args
-    resolution = resolution or (official.resolution if official else None) or training_args.get("input_size")
-    resolution = int(resolution or DEFAULT_RESOLUTION)
+    given = resolution or (official.resolution if official else None) or training_args.get("input_size")
+    resolution = int(given or DEFAULT_RESOLUTION)
+    total_stride = architecture.patch_size * 2 ** (len(architecture.depths) - 1)
+    # the saved processor feeds the model images of this size: they must fit its stride (and its masks, for FCMAE)
+    if resolution < total_stride or (layout is FCMAE_PRETRAINING and resolution % total_stride):
+        rule = "a multiple of" if layout is FCMAE_PRETRAINING else "at least"
+        raise ValueError(
+            f"resolution {resolution} does not fit this model: images must be {rule} its total stride "
+            f"{total_stride} px (the saved processor makes images of the resolution)"
+        )
 
     renamed, origin, unmatched = apply_key_rules(dense, KEY_TABLE)
     if unmatched:

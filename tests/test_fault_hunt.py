@@ -1278,6 +1278,62 @@ def _bad_pred(ctx):
     convert_cli(ctx, test_conversion.save_official(ctx.path("fcmae.pt"), state))
 
 
+def _pretraining_file(ctx, **stored_args) -> Path:
+    import argparse
+
+    test_conversion = _conversion()[0]
+    encoder = test_conversion.official_dense(test_conversion.CUSTOM, final_norm=False)
+    state = test_conversion.official_pretraining(encoder, decoder_width=16, decoder_depth=1)
+    return test_conversion.save_official(ctx.path("fcmae.pt"), state, args=argparse.Namespace(**stored_args))
+
+
+add(
+    "conversion/pretraining-args-mask-ratio-zero",
+    lambda ctx: convert_cli(ctx, _pretraining_file(ctx, mask_ratio=0.0)),
+    r"0 < mask_ratio < 1.*\(from the checkpoint's stored training args \{'mask_ratio': 0.0\}\)",
+)
+add(
+    "conversion/pretraining-args-input-size-off-stride",
+    lambda ctx: convert_cli(ctx, _pretraining_file(ctx, input_size=48)),
+    r"resolution 48 does not fit this model: images must be a multiple of its total stride 32",
+)
+add(
+    "conversion/resolution-below-stride",
+    lambda ctx: convert_cli(ctx, official_file(ctx.path("c.pt")), "--resolution", "16"),
+    r"resolution 16 does not fit this model: images must be at least its total stride 32",
+)
+add(
+    "conversion/zero-class-head",
+    lambda ctx: convert_cli(
+        ctx,
+        _conversion()[0].save_official(
+            ctx.path("c.pt"),
+            {
+                **_conversion()[0].official_dense(_conversion()[0].CUSTOM, num_classes=10),
+                "head.weight": torch.zeros(0, 48),
+                "head.bias": torch.zeros(0),
+            },
+        ),
+    ),
+    r"has 2 tensor\(s\) the model has no place for: classifier.weight",
+)
+
+
+@case("conversion/half-precision-checkpoint-converts-and-verifies")
+def _half_precision(ctx):
+    """fp16 and bf16 files convert to fp32 weights equal to the file's values and verify against timm."""
+    test_conversion = _conversion()[0]
+    state = test_conversion.official_dense(test_conversion.CUSTOM, num_classes=10)
+    for dtype in (torch.float16, torch.bfloat16):
+        source = test_conversion.save_official(ctx.path(f"{dtype}.pt"), {k: v.to(dtype) for k, v in state.items()})
+        output = ctx.path(f"out-{dtype}")
+        args = ["--checkpoint", str(source), "--output-dir", str(output), "--verify-image-size", "64"]
+        run_cli(converter_cli().main, args)
+        head = _load(output).classifier.weight
+        expect_check(head.dtype == torch.float32, f"{head.dtype}")
+        expect_check(torch.equal(head, state["head.weight"].to(dtype).float()), f"{dtype}: head differs")
+
+
 @case("conversion/bit-flip-with-sha256", error=r"has SHA-256 [0-9a-f]{64}, not the expected [0-9a-f]{64}")
 def _bit_flip_sha(ctx):
     import hashlib
