@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from convnextv2_hf.checkpoints import DEFAULT_HUB_NAMESPACE, select_checkpoints
+from convnextv2_hf.checkpoints import DEFAULT_HUB_NAMESPACE, parse_namespace, select_checkpoints
 from convnextv2_hf.conversion import (
     ConversionInterrupted,
     convert_checkpoint,
@@ -39,11 +39,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def namespace_argument(text: str) -> str:
+    """argparse type: a Hub user or organisation name, checked before any card or repository id is made from it."""
+    try:
+        return parse_namespace(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-root", default="converted", help="one folder per checkpoint is created here")
     parser.add_argument("--filter", action="append", help="substring of the official name (size, 1k/22k, fcmae, 384)")
-    parser.add_argument("--namespace", default=DEFAULT_HUB_NAMESPACE, help="Hub namespace of the repository ids")
+    parser.add_argument(
+        "--namespace", type=namespace_argument, default=DEFAULT_HUB_NAMESPACE, help="Hub namespace of the repo ids"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan only; touches neither network nor disk")
     parser.add_argument("--cache-dir", help="where official files are downloaded (default: torch.hub's cache)")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True)

@@ -21,8 +21,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from convnextv2_hf.checkpoints import find_official_checkpoint
-from convnextv2_hf.conversion import ConversionInterrupted, convert_checkpoint, parse_sha256, push_folder_to_hub
+from convnextv2_hf.checkpoints import find_official_checkpoint, parse_repo_id
+from convnextv2_hf.conversion import (
+    ConversionInterrupted,
+    convert_checkpoint,
+    parse_sha256,
+    push_folder_to_hub,
+)
 
 
 def positive_int(text: str) -> int:
@@ -40,6 +45,14 @@ def sha256_argument(text: str) -> str:
     """argparse type: 64 hexadecimal digits."""
     try:
         return parse_sha256(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def repo_id_argument(text: str) -> str:
+    """argparse type: a repository id the Hub accepts (checked before anything is converted)."""
+    try:
+        return parse_repo_id(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -78,7 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--cache-dir", help="where official files are downloaded (default: torch.hub's cache)")
     parser.add_argument("--push-to-hub", action="store_true")
-    parser.add_argument("--repo-id", help="Hub repository (default for official files: the table's suggestion)")
+    parser.add_argument(
+        "--repo-id", type=repo_id_argument, help="Hub repository (default for official files: the table's suggestion)"
+    )
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", help="branch to push to (created if missing)")
     parser.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT, else huggingface.co)")

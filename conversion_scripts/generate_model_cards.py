@@ -10,14 +10,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from convnextv2_hf.checkpoints import DEFAULT_HUB_NAMESPACE
+from convnextv2_hf.checkpoints import DEFAULT_HUB_NAMESPACE, parse_namespace
 from convnextv2_hf.model_card import write_model_cards
+
+
+def namespace_argument(text: str) -> str:
+    """argparse type: a Hub user or organisation name, checked before any card or repository id is made from it."""
+    try:
+        return parse_namespace(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parents[1] / "model_cards"))
-    parser.add_argument("--namespace", default=DEFAULT_HUB_NAMESPACE)
+    parser.add_argument("--namespace", type=namespace_argument, default=DEFAULT_HUB_NAMESPACE)
     args = parser.parse_args(argv)
     try:
         paths = write_model_cards(args.output_dir, args.namespace)

@@ -67,7 +67,8 @@ class OfficialCheckpoint:
         return self.name.removesuffix("_ema").replace("_", "-")
 
     def repo_id(self, namespace: str = DEFAULT_HUB_NAMESPACE) -> str:
-        return f"{namespace}/{self.repo_name}"
+        """``namespace/repo_name``; ``ValueError`` for a namespace the Hub would refuse (see ``parse_namespace``)."""
+        return f"{parse_namespace(namespace)}/{self.repo_name}"
 
     @property
     def title(self) -> str:
@@ -147,6 +148,31 @@ def find_official_checkpoint(reference: str | Path) -> OfficialCheckpoint | None
     return CHECKPOINTS_BY_NAME.get(stem) or next((c for c in OFFICIAL_CHECKPOINTS if c.url == text), None)
 
 
+def parse_repo_id(text: str) -> str:
+    """A Hub repository id (``namespace/name``) as the Hub accepts it; ``ValueError`` naming what is wrong, so a
+    bad id fails before a conversion, not after it at the push (and never ends up in a model card)."""
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(str(text))
+    except ValueError as error:  # HFValidationError
+        raise ValueError(f"{text!r} is not a Hub repository id: {error}") from None
+    return str(text)
+
+
+def parse_namespace(text: str) -> str:
+    """A Hub user or organisation name (the part of a repository id before the ``/``); ``ValueError`` otherwise."""
+    problem = "a user or organisation name, without '/'" if not text or "/" in str(text) else None
+    if problem is None:
+        try:
+            parse_repo_id(f"{text}/convnextv2")
+        except ValueError:
+            problem = "letters, digits, '-', '_' and '.' only, not starting or ending with '-' or '.', no '--' or '..'"
+    if problem is not None:
+        raise ValueError(f"{text!r} is not a Hub namespace ({problem})")
+    return str(text)
+
+
 def select_checkpoints(filters: list[str] | None = None) -> list[OfficialCheckpoint]:
     """Rows whose name contains any of ``filters`` (substrings such as ``atto``, ``22k``, ``fcmae``,
     ``384``); every row when no filter is given."""
@@ -179,5 +205,7 @@ __all__ = [
     "find_official_checkpoint",
     "imagenet1k_id2label",
     "imagenet1k_labels",
+    "parse_namespace",
+    "parse_repo_id",
     "select_checkpoints",
 ]

@@ -50,7 +50,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from . import __version__
-from .checkpoints import FCMAE, OfficialCheckpoint, find_official_checkpoint, imagenet1k_id2label, imagenet1k_labels
+from .checkpoints import (
+    FCMAE,
+    OfficialCheckpoint,
+    find_official_checkpoint,
+    imagenet1k_id2label,
+    imagenet1k_labels,
+    parse_repo_id,
+)
 from .configuration_convnextv2 import PRESETS, ConvNextV2Config
 from .image_processing_convnextv2 import processor_for_resolution
 from .model_card import CardFacts, card_facts_for_official, render_model_card
@@ -1192,6 +1199,8 @@ def convert_checkpoint(
     output_dir = Path(output_dir)
     if expected_sha256 is not None:
         expected_sha256 = parse_sha256(expected_sha256)
+    if repo_id is not None:
+        repo_id = parse_repo_id(repo_id)
     local = Path(str(checkpoint))
     check_output_dir(output_dir, source_path=local if local.is_file() else None, overwrite=overwrite)
     size, official = parse_model_name(model_name) if model_name else (None, None)

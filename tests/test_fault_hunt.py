@@ -1396,6 +1396,39 @@ add(
     r"--push-to-hub needs --repo-id",
 )
 add(
+    "conversion/repo-id-invalid",
+    lambda ctx: convert_cli(ctx, official_file(ctx.path("c.pt")), "--repo-id", "my models/convnext v2"),
+    r"argument --repo-id: 'my models/convnext v2' is not a Hub repository id",
+)
+add(
+    "conversion/repo-id-three-parts-with-push",
+    lambda ctx: convert_cli(ctx, official_file(ctx.path("c.pt")), "--repo-id", "me/models/atto", "--push-to-hub"),
+    r"argument --repo-id: 'me/models/atto' is not a Hub repository id",
+)
+add(
+    "conversion/convert-all-namespace-with-slash",
+    lambda ctx: convert_all_cli(["--dry-run", "--namespace", "me/models", "--filter", "atto"]),
+    r"argument --namespace: 'me/models' is not a Hub namespace",
+)
+
+
+@case("conversion/model-cards-namespace-invalid", error=r"argument --namespace: 'my org' is not a Hub namespace")
+def _cards_namespace(ctx):
+    ctx.watch(ctx.path("cards"))
+    run_cli(
+        _conversion()[0].load_script("generate_model_cards").main,
+        ["--output-dir", str(ctx.path("cards")), "--namespace", "my org"],
+    )
+
+
+@case("conversion/model-cards-output-is-a-file", error=r"could not write the model cards into .*cards.txt")
+def _cards_file(ctx):
+    ctx.path("cards.txt").write_text("x")
+    ctx.watch(ctx.root)
+    run_cli(_conversion()[0].load_script("generate_model_cards").main, ["--output-dir", str(ctx.path("cards.txt"))])
+
+
+add(
     "conversion/missing-checkpoint-argument",
     lambda ctx: (ctx.watch(ctx.root), run_cli(converter_cli().main, ["--output-dir", str(ctx.path("o"))])),
     r"the following arguments are required: --checkpoint",
@@ -1510,12 +1543,12 @@ def _output_under_file(ctx):
 
 @case(
     "conversion/overwrite-converted-folder-with-foreign-file",
-    error=r"now also holds files the conversion did not write \(notes.md\)",
+    error=r"now also holds files the conversion did not write \(mine.txt\)",
 )
 def _converted_plus_foreign(ctx):
     source = official_file(ctx.path("c.pt"))
     run_cli(converter_cli().main, ["--checkpoint", str(source), "--output-dir", str(ctx.path("out")), "--no-verify"])
-    ctx.path("out", "notes.md").write_text("mine")
+    ctx.path("out", "mine.txt").write_text("mine")
     convert_cli(ctx, source, "--overwrite")
 
 
