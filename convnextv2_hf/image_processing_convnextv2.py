@@ -116,6 +116,17 @@ def _known_resample(resample) -> bool:
     return int(resample) in {member.value for member in PILImageResampling}
 
 
+def _check_device(device) -> None:
+    """``ValueError`` for a ``device`` torch cannot name, or CUDA where torch sees none (torch's own errors there are
+    a RuntimeError listing device types, or one about NVIDIA drivers)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asked for, but torch sees no CUDA device here")
+
+
 # the per-call arguments transformers types as float (or lists of floats): it refuses an int such as crop_pct=1
 _FLOAT_KWARGS = ("crop_pct", "rescale_factor", "image_mean", "image_std")
 
@@ -321,6 +332,8 @@ class _OfficialEvalDefaults:
         check_settings(
             *(getattr(self, name) if kwargs.get(name) is None else kwargs[name] for name in _CHECKED_SETTINGS)
         )
+        if kwargs.get("device") is not None:
+            _check_device(kwargs["device"])
 
     def _validate_preprocess_kwargs(self, **kwargs):
         self._check_call_settings(kwargs)

@@ -920,6 +920,7 @@ CALL_SETTINGS = [
     ("call-resample-unknown", {"resample": 42}, r"resample must be a PILImageResampling filter"),
     ("call-do-rescale-string", {"do_rescale": "yes"}, r"invalid image processor argument: .*do_rescale"),
     ("call-return-tensors-unknown", {"return_tensors": "tf"}, r"tf is not a valid TensorType"),
+    ("call-device-unknown", {"device": "tpu"}, r"device must be a torch device such as 'cpu', 'cuda'.*got 'tpu'"),
 ]
 for _name, _settings, _pattern in CALL_SETTINGS:
     for _backend in PROCESSORS:
