@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 import convnextv2_hf
 
@@ -193,10 +195,12 @@ def test_the_installed_wheel_converts_a_checkpoint_and_the_result_classifies_in_
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(PYTHONPATH=str(site), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     output = _run([sys.executable, "-c", INSTALLED_RUN], cwd=work, env=env)
-    result = json.loads(output.strip().splitlines()[-1])
+    # the last line that is our JSON object (progress bars of the load may follow it on stderr)
+    result = json.loads(next(line for line in reversed(output.splitlines()) if line.startswith('{"package_file"')))
 
     assert Path(result["package_file"]).resolve().is_relative_to(site.resolve()), result["package_file"]
-    assert not any(Path(entry or ".").resolve() == REPO for entry in result["sys_path"])
+    # relative entries ("" is the script's working directory) resolve against the subprocess's cwd, not ours
+    assert not any((work / entry).resolve() == REPO for entry in result["sys_path"]), result["sys_path"]
     assert {"config.json", "model.safetensors", "README.md", "preprocessor_config.json"} <= set(result["files"])
     assert result["max_abs_diff"] <= 1e-4
     labels, predictions = result["labels"], result["predictions"]
@@ -344,6 +348,9 @@ def known_names() -> set[str]:
     example key such as ``fixed_mask`` may be read in another module), the package's exports, builtins, tensor and
     module methods (``gather``, ``named_modules``) and the stage names the config gives (``stem``, ``stage1`` ...)."""
     known = set(dir(builtins)) | set(vars(convnextv2_hf)) | set(dir(torch.Tensor)) | set(dir(torch.nn.Module))
+    # the Trainer's own arguments, which the plug-ins' docstrings name (``compute_loss_func``, ``dataloader_drop_last``)
+    known |= set(inspect.signature(transformers.Trainer.__init__).parameters)
+    known |= {field.name for field in dataclasses.fields(transformers.TrainingArguments)}
     for path in PACKAGE.rglob("*.py"):
         known |= names_in_code(path.read_text(encoding="utf-8"))
     return known | set(convnextv2_hf.ConvNextV2Config().stage_names)

@@ -303,7 +303,7 @@ def test_batches_of_one_image_are_refused_or_avoided(tmp_path, caplog):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--image_size", "48"], "image_size must be a positive multiple of 32, got 48"),
+        (["--image_size", "16"], "image_size must be at least the total stride 32, got 16"),
         (["--class_names", "a,a"], "--class_names must be distinct non-empty names"),
         (["--num_labels", "3"], r"--num_labels 3 but --class_names has 4 names"),
         (["--dataset_name", "x"], "give exactly one of --train_dir and --dataset_name"),
