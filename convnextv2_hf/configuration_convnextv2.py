@@ -244,6 +244,16 @@ def structure_problem(get: Callable[[str], Any]) -> str | None:
     return None
 
 
+def check_local_path(path) -> None:
+    """``ValueError`` when ``path`` can only be a local path (absolute, ``./``, ``~`` or more than one ``/``) and does
+    not exist; transformers would take it for a Hub repository id and fail with an unrelated message."""
+    text = os.fspath(path)
+    windows_path = os.sep != "/" and os.sep in text
+    looks_local = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or windows_path
+    if looks_local and "://" not in text and not os.path.exists(os.path.expanduser(text)):
+        raise ValueError(f"{text!r} does not exist (a local path; a Hub repository id is 'namespace/name')")
+
+
 class ConvNextV2Config(_BuiltinConvNextV2Config):
     r"""Configuration of every ConvNeXt V2 model in this package.
 
@@ -381,11 +391,7 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
         transformers gives an empty dict there, so ``from_pretrained`` would build a default ConvNeXt V2-Tiny. A
         path that can only be local (absolute, ``./``, ``~`` or more than one ``/``) and does not exist is a
         ``ValueError`` too, where transformers would take it for a Hub repository id."""
-        text = os.fspath(pretrained_model_name_or_path)
-        windows_path = os.sep != "/" and os.sep in text
-        looks_local = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or windows_path
-        if looks_local and "://" not in text and not os.path.exists(os.path.expanduser(text)):
-            raise ValueError(f"{text!r} does not exist (a local path; a Hub repository id is 'namespace/name')")
+        check_local_path(pretrained_model_name_or_path)
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         if not config_dict:
             name = kwargs.get("_configuration_file") or "config.json"

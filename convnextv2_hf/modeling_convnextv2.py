@@ -35,11 +35,12 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_convnextv2 import ConvNextV2Config
+from .configuration_convnextv2 import ConvNextV2Config, check_local_path
 from .fast_paths_convnextv2 import gelu_grn_linear, is_bare, sparse_depthwise_conv
 
 GRN_EPS = 1e-6
 BLOCK_NORM_EPS = 1e-6
+IGNORE_INDEX = -100  # class-index labels to leave out of the loss, as transformers' losses do
 
 
 def check_pixel_values(pixel_values: torch.Tensor, config: ConvNextV2Config, multiple: int | None = None) -> None:
@@ -295,6 +296,9 @@ def num_kept_patches(num_patches: int, mask_ratio: float) -> int:
 def draw_mask(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     """The masking rule. Bool mask (N, L), True = removed: each sample keeps its ``num_kept_patches`` smallest-noise
     patches."""
+    if not isinstance(noise, torch.Tensor) or noise.ndim != 2:
+        shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise must be a tensor (N, L): one value per patch of each sample, got {shape}")
     num_kept = num_kept_patches(noise.shape[1], mask_ratio)
     rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)
     return rank >= num_kept
@@ -502,7 +506,8 @@ class ConvNextV2PreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """As transformers' ``from_pretrained``; a local folder's safetensors files are checked first, so a truncated
         or corrupt weights file is a ``ValueError`` naming it (transformers' own error names no file)."""
-        folder = Path(str(pretrained_model_name_or_path))
+        check_local_path(pretrained_model_name_or_path)
+        folder = Path(str(pretrained_model_name_or_path)).expanduser()
         if folder.is_dir():
             from safetensors import safe_open
 
@@ -598,6 +603,8 @@ def check_classification_labels(labels: torch.Tensor, logits: torch.Tensor, conf
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"labels must be a tensor, got {type(labels).__name__}")
     batch, num_labels = logits.shape[0], logits.shape[-1]
+    if config.num_labels == 0:
+        raise ValueError("labels given, but the model has no classification head (num_labels=0)")
     problem_type = config.problem_type
     if problem_type == "regression" or (problem_type is None and num_labels == 1):
         if labels.numel() != logits.numel():
@@ -628,10 +635,11 @@ def check_classification_labels(labels: torch.Tensor, logits: torch.Tensor, conf
         raise ValueError(f"class-index labels must be an integer tensor, got dtype {labels.dtype}")
     if labels.numel() != batch or (labels.ndim > 1 and labels.shape[0] != batch):
         raise ValueError(f"class-index labels must have shape ({batch},), got {tuple(labels.shape)}")
-    if labels.numel() and bool(((labels < 0) | (labels >= num_labels)).any()):
+    counted = labels[labels != IGNORE_INDEX]  # -100 marks a sample to leave out, as in transformers' losses
+    if counted.numel() and bool(((counted < 0) | (counted >= num_labels)).any()):
         raise ValueError(
-            f"class-index labels must lie in [0, {num_labels - 1}] (num_labels={num_labels}), got values from "
-            f"{int(labels.min())} to {int(labels.max())}"
+            f"class-index labels must lie in [0, {num_labels - 1}] (num_labels={num_labels}) or be {IGNORE_INDEX} "
+            f"(ignored), got values from {int(counted.min())} to {int(counted.max())}"
         )
 
 
@@ -672,6 +680,7 @@ def image_classification_loss(
     the Trainer leaves out of its count.)
     """
     check_classification_labels(labels, logits, config)
+    labels = labels.to(logits.device)
     if logits.shape[0] == 0:  # an empty batch: a zero loss, where a mean over nothing would be 0/0
         return logits.float().sum() * 0.0
     reduction = "mean" if num_items_in_batch is None else "sum"
@@ -685,6 +694,8 @@ def image_classification_loss(
     elif labels.is_floating_point():
         per_example = torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1)
         loss = per_example.mean() if num_items_in_batch is None else per_example.sum() * labels.shape[-1]
+    elif num_items_in_batch is None and not bool((labels != IGNORE_INDEX).any()):
+        return logits.float().sum() * 0.0  # every sample ignored: a mean over none would be 0/0
     else:
         loss = F.cross_entropy(logits.float().view(-1, config.num_labels), labels.view(-1), reduction=reduction)
     if num_items_in_batch is None:
@@ -819,7 +830,14 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
     def patchify(self, pixel_values: torch.Tensor, patch_size: int | None = None) -> torch.Tensor:
         """(N, C, H, W) -> (N, L, p² * C) with patches in raster order, pixels in (row, column, channel) order."""
         p = patch_size or self.config.mask_patch_size
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"patchify takes images (N, C, H, W), got {shape}")
         batch, channels, height, width = pixel_values.shape
+        if height % p or width % p:
+            raise ValueError(
+                f"patchify needs height and width that are multiples of the patch size {p}, got {height}x{width}"
+            )
         patches = pixel_values.reshape(batch, channels, height // p, p, width // p, p)
         return patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // p) * (width // p), p * p * channels)
 
@@ -829,6 +847,9 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         """(N, L, p² * C) -> (N, C, H, W). ``image_size`` (H, W) is needed for non-square images."""
         p = patch_size or self.config.mask_patch_size
         channels = self.config.num_channels
+        if not isinstance(patches, torch.Tensor) or patches.ndim != 3 or patches.shape[-1] != p * p * channels:
+            shape = tuple(patches.shape) if isinstance(patches, torch.Tensor) else type(patches).__name__
+            raise ValueError(f"unpatchify takes patches (N, L, p^2 * C) = (N, L, {p * p * channels}), got {shape}")
         batch, num_patches, _ = patches.shape
         if image_size is None:
             side = int(round(num_patches**0.5))
@@ -850,6 +871,8 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         the smallest ``noise`` (uniform random when not given)."""
         if noise is None:
             noise = torch.rand(batch_size, num_patches, device=device)
+        elif not isinstance(noise, torch.Tensor):
+            raise ValueError(f"noise must be a tensor (batch, patches), got {type(noise).__name__}")
         elif tuple(noise.shape) != (batch_size, num_patches):
             raise ValueError(
                 f"noise must have shape (batch, patches) = {(batch_size, num_patches)}, got {tuple(noise.shape)}"
@@ -890,6 +913,11 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         removed (never 0/0). With ``num_items_in_batch``, the removed patches of the whole optimizer step: the sum
         over this batch's removed patches divided by it (this batch's share of the step's mean)."""
         target, _, _ = self.pixel_targets(pixel_values)
+        if logits.shape != target.shape or tuple(mask.shape) != tuple(target.shape[:2]):
+            raise ValueError(
+                f"forward_loss needs logits of the targets' shape {tuple(target.shape)} and a mask "
+                f"{tuple(target.shape[:2])}, got logits {tuple(logits.shape)} and mask {tuple(mask.shape)}"
+            )
         per_patch = (logits.float() - target).pow(2).mean(dim=-1)
         mask = mask.to(per_patch.dtype)
         if num_items_in_batch is not None:
@@ -942,6 +970,8 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         config = self.config
         check_pixel_values(pixel_values, config, multiple=config.mask_patch_size)
         batch, _, height, width = pixel_values.shape
+        if batch == 0:
+            raise ValueError("FCMAE needs at least one image (got a batch of 0): there is no patch to reconstruct")
         grid = (height // config.mask_patch_size, width // config.mask_patch_size)
         num_patches = grid[0] * grid[1]
         num_kept = None  # known without looking at the mask only when we draw it
