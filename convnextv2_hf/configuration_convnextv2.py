@@ -244,14 +244,22 @@ def structure_problem(get: Callable[[str], Any]) -> str | None:
     return None
 
 
+class LocalPathNotFoundError(ValueError, FileNotFoundError):
+    """A local path that does not exist: a ``ValueError`` naming it, and the ``OSError`` (``FileNotFoundError``) that
+    transformers raises for a missing checkpoint, so code that catches either keeps working."""
+
+
 def check_local_path(path) -> None:
-    """``ValueError`` when ``path`` can only be a local path (absolute, ``./``, ``~`` or more than one ``/``) and does
-    not exist; transformers would take it for a Hub repository id and fail with an unrelated message."""
+    """``LocalPathNotFoundError`` when ``path`` can only be a local path (absolute, ``./``, ``~`` or more than one
+    ``/``) and does not exist; transformers would take it for a Hub repository id and fail with an unrelated message.
+    ``None`` (a model built from ``config=`` and ``state_dict=``) and other non-paths are left to transformers."""
+    if not isinstance(path, (str, os.PathLike)):
+        return
     text = os.fspath(path)
     windows_path = os.sep != "/" and os.sep in text
     looks_local = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or windows_path
     if looks_local and "://" not in text and not os.path.exists(os.path.expanduser(text)):
-        raise ValueError(f"{text!r} does not exist (a local path; a Hub repository id is 'namespace/name')")
+        raise LocalPathNotFoundError(f"{text!r} does not exist (a local path; a Hub repository id is 'namespace/name')")
 
 
 class ConvNextV2Config(_BuiltinConvNextV2Config):

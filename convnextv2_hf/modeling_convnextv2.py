@@ -508,7 +508,7 @@ class ConvNextV2PreTrainedModel(PreTrainedModel):
         or corrupt weights file is a ``ValueError`` naming it (transformers' own error names no file)."""
         check_local_path(pretrained_model_name_or_path)
         folder = Path(str(pretrained_model_name_or_path)).expanduser()
-        if folder.is_dir():
+        if pretrained_model_name_or_path is not None and folder.is_dir():
             from safetensors import safe_open
 
             for path in sorted(folder.glob("*.safetensors")):
