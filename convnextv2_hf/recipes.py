@@ -72,6 +72,18 @@ def scaled_learning_rate(base_learning_rate: float, total_batch: int) -> float:
     return base_learning_rate * total_batch / REFERENCE_BATCH
 
 
+def check_training_values(args: TrainingArguments) -> None:
+    """``ValueError`` naming the flag for stock ``TrainingArguments`` values no run can use, checked when the
+    arguments are parsed: the Trainer would take a negative learning rate silently (gradient ascent) and meet a
+    batch size of 0 only in its DataLoader, after creating the output folder."""
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {args.learning_rate}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 # the TrainingArguments fields a recipe may set; declared again below with a default of None ("not given")
 _STOCK_FIELDS = ("num_train_epochs", "lr_scheduler_type", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
 _STOCK_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.name in _STOCK_FIELDS}
@@ -130,8 +142,8 @@ class RecipeTrainingArguments(TrainingArguments):
             elif defaults.get(name) is not None:
                 setattr(self, name, defaults[name])
                 self.recipe_sources[name] = "default"
+        self.check_recipe_values()  # first: the warm-up divides by num_train_epochs
         self._resolve_warmup(recipe)
-        self.check_recipe_values()
         super().__post_init__()
         self._resolve_learning_rate()
         self._resolve_schedule()
@@ -192,7 +204,11 @@ class RecipeTrainingArguments(TrainingArguments):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * max(1, self.world_size)
 
     def check_recipe_values(self) -> None:
-        """Range checks of the recipe-governed values; subclasses extend it."""
+        """Range checks of the recipe-governed values (and of the stock values ``check_training_values`` reads);
+        subclasses extend it."""
+        check_training_values(self)
+        if self.base_learning_rate is not None and not self.base_learning_rate > 0:
+            raise ValueError(f"base_learning_rate must be > 0, got {self.base_learning_rate}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
@@ -303,6 +319,7 @@ __all__ = [
     "PRETRAIN_TOTAL_BATCH",
     "PretrainTrainingArguments",
     "RecipeTrainingArguments",
+    "check_training_values",
     "create_model_card",
     "finetune_recipe",
     "scaled_learning_rate",

@@ -28,7 +28,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from .configuration_convnextv2 import ConvNextV2Config
-from .modeling_convnextv2 import draw_mask
+from .modeling_convnextv2 import draw_mask, num_kept_patches
 
 logger = logging.get_logger(__name__)
 
@@ -239,6 +239,9 @@ class FCMAECollator:
       evaluation;
     - else uniform noise from the global RNG.
     Examples whose ``pixel_values`` is ``None`` (images skipped as unreadable) are left out of the batch.
+
+    ``ValueError`` at construction for an ``image_size`` that is not a multiple of ``config.mask_patch_size``, or
+    whose patch count ``config.mask_ratio`` leaves with no patch kept or none removed.
     """
 
     def __init__(self, config: ConvNextV2Config, image_size: int | tuple[int, int], seed: int | None = None):
@@ -247,6 +250,8 @@ class FCMAECollator:
         if height % patch or width % patch:
             raise ValueError(f"image size {height}x{width} is not a multiple of mask_patch_size={patch}")
         self.num_patches = (height // patch) * (width // patch)
+        # here, not at the first batch: a mask that keeps or removes nothing would only fail once training started
+        num_kept_patches(self.num_patches, config.mask_ratio)
         self.mask_ratio = config.mask_ratio
         self.seed = seed
         self.epoch = 0

@@ -72,6 +72,8 @@ def parse_arguments(argv: list[str] | None = None):
 def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
     if model_args.model_name_or_path is None and model_args.model_size not in PRESETS:
         raise ValueError(f"unknown model size {model_args.model_size!r}; choose one of {list(PRESETS)}")
+    if not model_args.head_init_std > 0:
+        raise ValueError(f"head_init_std must be > 0, got {model_args.head_init_std}")
     sources = [data_args.train_dir, data_args.data_dir, data_args.dataset_name]
     if sum(source is not None for source in sources) != 1:
         raise ValueError("give exactly one of --train_dir, --data_dir and --dataset_name")
@@ -90,7 +92,8 @@ def load_splits(data_args: DataArguments, seed: int):
     else:
         splits = DatasetDict(train=image_folder_dataset(data_args.train_dir)["train"])
         if data_args.validation_dir is not None:
-            splits["validation"] = image_folder_dataset(data_args.validation_dir)["train"]
+            # labels kept even for a single class folder, so that a class set unlike train's is named below
+            splits["validation"] = image_folder_dataset(data_args.validation_dir, drop_labels=False)["train"]
     train = splits["train"]
     validation = splits.get("validation") or splits.get("test")
     if validation is None:
@@ -103,6 +106,12 @@ def load_splits(data_args: DataArguments, seed: int):
             if column not in split.column_names:
                 raise ValueError(f"the {name} split has no {column!r} column (columns: {split.column_names})")
     names = train.features[data_args.label_column].names
+    validation_names = getattr(validation.features[data_args.label_column], "names", names)
+    if validation_names != names:  # class ids are positions in these lists: they would mean other classes
+        raise ValueError(
+            f"the validation classes {validation_names} are not the training classes {names}: give both splits "
+            "the same class folders"
+        )
     for name, split in (("train", train), ("validation", validation)):
         present = set(split[data_args.label_column])
         missing = [names[i] for i in range(len(names)) if i not in present]

@@ -45,6 +45,7 @@ from transformers.utils import logging
 from convnextv2_hf import ConvNextV2Config
 from convnextv2_hf.configuration_convnextv2 import PRESETS
 from convnextv2_hf.metrics import MeanIoU
+from convnextv2_hf.recipes import check_training_values
 from convnextv2_hf.training import LAYER_DECAY_TYPES, check_safetensors_files, layer_decay_optimizer, resume_checkpoint
 from convnextv2_hf.transforms import IMAGE_EXTENSIONS
 
@@ -95,6 +96,10 @@ class SegmentationTrainingArguments(TrainingArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "peak lr of the heads; blocks get layer decay"})
     weight_decay: float = field(default=0.05, metadata={"help": "not on biases, norms and GRN parameters"})
     lr_scheduler_type: str = field(default="polynomial", metadata={"help": "transformers scheduler name"})
+
+    def __post_init__(self):
+        check_training_values(self)  # a negative lr or a zero batch named when parsed, not deep in training
+        super().__post_init__()
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:

@@ -55,11 +55,19 @@ logger = logging.getLogger(__name__)
 class ModelArguments:
     model_size: str = field(default="atto", metadata={"help": f"one of {list(PRESETS)}"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "start from this checkpoint instead"})
-    mask_ratio: float = field(default=PRETRAIN_MODEL["mask_ratio"])
-    decoder_hidden_size: int = 512
-    decoder_depth: int = 1
-    norm_pix_loss: bool = PRETRAIN_MODEL["norm_pix_loss"]
-    fcmae_impl: str = field(default="sparse", metadata={"help": "sparse (fast) or dense (reference)"})
+    # the FCMAE fields default to None, "not given": a checkpoint keeps its own (a decoder of another width would
+    # not load), a new model takes the recipe's (PRETRAIN_MODEL) and the config's defaults
+    mask_ratio: float | None = field(
+        default=None, metadata={"help": f"default: the checkpoint's, else {PRETRAIN_MODEL['mask_ratio']}"}
+    )
+    decoder_hidden_size: int | None = field(default=None, metadata={"help": "default: the checkpoint's, else 512"})
+    decoder_depth: int | None = field(default=None, metadata={"help": "default: the checkpoint's, else 1"})
+    norm_pix_loss: bool | None = field(
+        default=None, metadata={"help": f"default: the checkpoint's, else {PRETRAIN_MODEL['norm_pix_loss']}"}
+    )
+    fcmae_impl: str | None = field(
+        default=None, metadata={"help": "sparse (fast) or dense (reference); default: the checkpoint's, else sparse"}
+    )
 
 
 @dataclass
@@ -93,6 +101,11 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise ValueError(f"unknown model size {model_args.model_size!r}; choose one of {list(PRESETS)}")
     if (data_args.train_dir is None) == (data_args.dataset_name is None):
         raise ValueError("give exactly one of --train_dir and --dataset_name")
+    if model_args.model_name_or_path is None:
+        # image size against patch size and mask ratio now, before any data is read (a loaded model's config is
+        # checked the same way by FCMAECollator, still before the Trainer creates the output folder)
+        config = ConvNextV2Config.from_preset(model_args.model_size, **model_fields(model_args))
+        FCMAECollator(config, data_args.image_size)
     fraction = data_args.validation_split_fraction
     if fraction is not None and not 0.0 < fraction < 1.0:
         raise ValueError(f"validation_split_fraction must be in (0, 1), got {fraction}")
@@ -155,14 +168,15 @@ def build_datasets(data_args: DataArguments, training_args):
     return train, validation
 
 
+def model_fields(model_args: ModelArguments) -> dict:
+    """The FCMAE config fields given on the command line; for a new model, the recipe's where none is given."""
+    names = ("mask_ratio", "decoder_hidden_size", "decoder_depth", "norm_pix_loss", "fcmae_impl")
+    given = {name: getattr(model_args, name) for name in names if getattr(model_args, name) is not None}
+    return given if model_args.model_name_or_path else {**PRETRAIN_MODEL, **given}
+
+
 def build_model(model_args: ModelArguments) -> ConvNextV2ForMaskedImageModeling:
-    fields = dict(
-        mask_ratio=model_args.mask_ratio,
-        decoder_hidden_size=model_args.decoder_hidden_size,
-        decoder_depth=model_args.decoder_depth,
-        norm_pix_loss=model_args.norm_pix_loss,
-        fcmae_impl=model_args.fcmae_impl,
-    )
+    fields = model_fields(model_args)
     if model_args.model_name_or_path:
         return ConvNextV2ForMaskedImageModeling.from_pretrained(model_args.model_name_or_path, **fields)
     return ConvNextV2ForMaskedImageModeling(ConvNextV2Config.from_preset(model_args.model_size, **fields))

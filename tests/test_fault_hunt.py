@@ -1740,10 +1740,6 @@ add(
     "training/pretrain-one-patch-images",
     lambda ctx: pretrain(ctx, "--image_size", "32"),
     r"mask_ratio=0.6 keeps no patch of the 1 patches",
-    xfail="training.py / examples/pretrain_fcmae.py: --image_size 32 (one 32 px patch per image) passes every startup "
-    "check; the first batch fails in FCMAECollator (draw_mask) after the Trainer has created the empty output folder. "
-    "FCMAECollator.__init__ should call num_kept_patches(self.num_patches, config.mask_ratio), so the script fails "
-    "before the Trainer is built",
 )
 add(
     "training/pretrain-resume-from-missing-checkpoint",
@@ -1809,37 +1805,84 @@ add(
     r"holds no images",
 )  # fmt: skip
 
-_NOT_CHECKED = (
-    "examples/finetune_image_classification.py / recipes.py: {what} passes every check and the run trains to the end "
-    "(verified by hand: a full run exits 0); RecipeTrainingArguments.check_recipe_values should raise ValueError "
-    "for {rule}"
-)
 add(
     "training/finetune-learning-rate-negative",
     lambda ctx: finetune(ctx, "--learning_rate", "-1", parse_only=True),
     r"learning_rate must be (positive|> 0)",
-    xfail=_NOT_CHECKED.format(what="--learning_rate -1 (gradient ascent)", rule="learning_rate <= 0"),
 )
 add(
     "training/finetune-base-learning-rate-negative",
     lambda ctx: finetune(ctx, "--base_learning_rate", "-1", parse_only=True),
     r"base_learning_rate must be (positive|> 0)",
-    xfail=_NOT_CHECKED.format(what="--base_learning_rate -1", rule="base_learning_rate <= 0"),
 )
 add(
     "training/finetune-batch-size-zero",
     lambda ctx: finetune(ctx, "--per_device_train_batch_size", "0", parse_only=True),
     r"per_device_train_batch_size must be",
-    xfail="recipes.py / examples: --per_device_train_batch_size 0 passes parsing; the run then fails in torch's "
-    "DataLoader ('batch_size should be a positive integer value') after the Trainer created the output folder; "
-    "check it in RecipeTrainingArguments.check_recipe_values",
 )
 add(
     "training/finetune-head-init-std-negative",
     lambda ctx: finetune(ctx, "--head_init_std", "-1", parse_only=True),
     r"head_init_std must be (positive|> 0)",
-    xfail="examples/finetune_image_classification.py: --head_init_std -1 is accepted and trunc_normal_ draws the new "
-    "head with a negative std (the run trains, verified by hand); check_arguments should require head_init_std > 0",
+)
+add(
+    "training/pretrain-learning-rate-negative",
+    lambda ctx: pretrain(ctx, "--image_size", "64", "--learning_rate", "-0.0001"),
+    r"learning_rate must be > 0, got -0.0001",
+)
+add(
+    "training/pretrain-gradient-accumulation-zero",
+    lambda ctx: pretrain(ctx, "--image_size", "64", "--gradient_accumulation_steps", "0"),
+    r"gradient_accumulation_steps must be >= 1, got 0",
+)
+
+
+@case("training/pretrain-one-patch-images-from-a-model-folder", error=r"keeps no patch of the 1 patches")
+def _one_patch_model_folder(ctx):
+    """The image size is checked against a loaded model's patch size and mask ratio before the Trainer starts."""
+    fcmae().save_pretrained(ctx.path("model"))
+    pretrain(ctx, "--image_size", "32", "--model_name_or_path", str(ctx.path("model")))
+
+
+def finetune_separate_folders(ctx, validation_classes: tuple[str, ...]):
+    """finetune_image_classification.py with --train_dir (classes a, b) and its own --validation_dir."""
+    train = image_folder(ctx.path("train"), splits=("",), per_class=4)
+    validation = image_folder(ctx.path("validation"), classes=validation_classes, splits=("",))
+    ctx.watch(ctx.path("out"))
+    argv = trainer_argv(ctx, "--train_dir", str(train), "--validation_dir", str(validation), "--image_size", "32")
+    return run_cli(_examples()[1].main, argv)
+
+
+add(
+    "training/finetune-validation-dir-of-one-class",
+    lambda ctx: finetune_separate_folders(ctx, ("b",)),
+    r"the validation classes \['b'\] are not the training classes \['a', 'b'\]",
+)
+add(
+    "training/finetune-validation-dir-other-classes",
+    lambda ctx: finetune_separate_folders(ctx, ("a", "c")),
+    r"the validation classes \['a', 'c'\] are not the training classes \['a', 'b'\]",
+)
+
+
+def segmentation_cli(ctx, *extra: str):
+    """finetune_semantic_segmentation.py; ``out`` is watched."""
+    import finetune_semantic_segmentation
+
+    ctx.watch(ctx.path("out"))
+    argv = trainer_argv(ctx, "--train_dir", str(ctx.path("nowhere")), "--num_labels", "2", *extra)
+    return run_cli(finetune_semantic_segmentation.main, argv)
+
+
+add(
+    "training/segmentation-learning-rate-negative",
+    lambda ctx: segmentation_cli(ctx, "--learning_rate", "-1"),
+    r"learning_rate must be > 0, got -1",
+)
+add(
+    "training/segmentation-batch-size-zero",
+    lambda ctx: segmentation_cli(ctx, "--per_device_train_batch_size", "0"),
+    r"per_device_train_batch_size must be >= 1, got 0",
 )
 
 
