@@ -302,10 +302,15 @@ def image_folder_dataset(
     label_column: str = "label",
     skip_corrupt_images: bool = False,
     streaming: bool = False,
+    drop_labels: bool | None = None,
 ):
     """Load ``data_dir`` as a ``datasets`` image folder (``data_dir/<split>/<class>/*.png`` or
     ``data_dir/<class>/*.png``) and apply ``transform`` to every split with ``with_image_transform``
     (``streaming=True``: an ``IterableDatasetDict``, never given a transform here).
+
+    ``drop_labels`` is ``datasets``' option: ``None`` labels the images by their class folders only when there are
+    at least two; ``False`` always does, so a folder holding a single class (an evaluation set of one class) keeps
+    its ``label_column``; ``True`` never does.
 
     Returns a ``DatasetDict``; ``ValueError`` when the folder does not exist or holds no images.
     """
@@ -316,7 +321,7 @@ def image_folder_dataset(
         raise ValueError(f"image folder {str(root)!r} does not exist")
     if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*") if p.is_file()):
         raise ValueError(f"image folder {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    splits = load_dataset("imagefolder", data_dir=str(root), streaming=streaming)
+    splits = load_dataset("imagefolder", data_dir=str(root), streaming=streaming, drop_labels=drop_labels)
     if transform is None or streaming:
         return splits
     for name in list(splits):

@@ -9,7 +9,9 @@ official eval transform.
 whole) or a folder of split sub-folders (``train``, ``validation``/``val``, ``test``, ...) that each hold class
 sub-folders. With several splits, ``--split`` picks one; it defaults to ``validation`` and is never guessed: when
 there is no such split the script stops and lists the splits there are. The processor saved with the model is
-used (the official evaluation transform), or ``--image_size`` builds one.
+used (the official evaluation transform), or ``--image_size`` builds one (a model folder saved without a processor
+needs it). Images are decoded by ``convnextv2_hf.transforms.load_image``: an unreadable file stops the run with its
+name.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from transformers import HfArgumentParser
 from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ImageProcessor
 from convnextv2_hf.metrics import load_top_k_accuracy
 from convnextv2_hf.training import check_safetensors_files
-from convnextv2_hf.transforms import IMAGE_EXTENSIONS, image_folder_dataset
+from convnextv2_hf.transforms import IMAGE_EXTENSIONS, image_folder_dataset, with_image_transform
 
 # folder names that `datasets` reads as splits, by the split they become (datasets.data_files.SPLIT_KEYWORDS)
 SPLIT_FOLDERS = {
@@ -66,6 +68,33 @@ class EvaluationArguments:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_arguments(args: EvaluationArguments) -> None:
+    """``ValueError`` naming the flag for arguments that cannot work, before any data or weights are read."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, TypeError):  # torch's message lists every device type it knows
+        raise ValueError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
+
+
+def load_processor(args: EvaluationArguments) -> ConvNextV2ImageProcessor:
+    """The processor saved with the model (the evaluation transform it was trained for), or one of
+    ``--image_size``. A local model folder without one is a ``ValueError``: guessing a size could evaluate the
+    model on inputs it was not trained for."""
+    if args.image_size is not None:
+        return ConvNextV2ImageProcessor(size={"shortest_edge": args.image_size})
+    folder = Path(args.model_name_or_path)
+    if folder.is_dir() and not (folder / "preprocessor_config.json").is_file():
+        raise ValueError(
+            f"the model folder {str(folder)!r} has no preprocessor_config.json (the evaluation transform saved "
+            "with the model); pass --image_size N to evaluate with the official transform at N x N pixels"
+        )
+    return ConvNextV2ImageProcessor.from_pretrained(args.model_name_or_path)
+
+
 def _pick_split(splits, wanted: str | None, source: str):
     name = wanted or DEFAULT_SPLIT
     if name not in splits:
@@ -92,7 +121,8 @@ def load_evaluation_split(args: EvaluationArguments):
             raise ValueError(f"--data_dir {str(root)!r} is not a folder")
         split_folders = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_FOLDER_NAMES)
         if split_folders:
-            dataset, split = _pick_split(image_folder_dataset(root), args.split, f"{str(root)!r} ({split_folders})")
+            splits = image_folder_dataset(root, drop_labels=False)
+            dataset, split = _pick_split(splits, args.split, f"{str(root)!r} ({split_folders})")
             where = f"split {split!r} of {str(root)!r}"
             folders = [root / name for name in split_folders if name.lower() in SPLIT_FOLDERS.get(split, (split,))]
         else:
@@ -101,7 +131,8 @@ def load_evaluation_split(args: EvaluationArguments):
                     f"--split {args.split}: {str(root)!r} has no split sub-folders ({sorted(SPLIT_FOLDER_NAMES)}), so "
                     "it is evaluated whole; leave --split out, or point --data_dir at the folder that holds the splits"
                 )
-            dataset, split, where, folders = image_folder_dataset(root)["train"], None, repr(str(root)), [root]
+            dataset = image_folder_dataset(root, drop_labels=False)["train"]
+            split, where, folders = None, repr(str(root)), [root]
         if not all(_holds_class_folders(folder) for folder in folders):
             raise ValueError(
                 f"the images of {where} are not in class sub-folders: put each image in a sub-folder named after its "
@@ -116,14 +147,12 @@ def load_evaluation_split(args: EvaluationArguments):
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
+    check_arguments(args)
     dataset, split = load_evaluation_split(args)  # fails before the model is read
     if Path(args.model_name_or_path).is_dir():
         check_safetensors_files(args.model_name_or_path)  # a truncated file is named, not a bare header error
     model = ConvNextV2ForImageClassification.from_pretrained(args.model_name_or_path).to(args.device).eval()
-    if args.image_size is None:
-        processor = ConvNextV2ImageProcessor.from_pretrained(args.model_name_or_path)
-    else:
-        processor = ConvNextV2ImageProcessor(size={"shortest_edge": args.image_size})
+    processor = load_processor(args)
     label2id = {name: int(i) for name, i in model.config.label2id.items()}
     label_feature = dataset.features[args.label_column]
     if hasattr(label_feature, "names"):  # class folders / ClassLabel: names must be the model's labels
@@ -134,13 +163,15 @@ def main(argv: list[str] | None = None) -> dict:
         to_model_id = np.array([label2id[name] for name in names])
     else:  # plain integer labels are the model's ids
         to_model_id = np.arange(model.config.num_labels)
+    # decoded by load_image: an unreadable file is a ValueError naming it, not PIL's bare OSError
+    images = with_image_transform(dataset, lambda image: image, args.image_column, args.label_column)
     metric = load_top_k_accuracy()
-    for start in range(0, len(dataset), args.batch_size):
-        batch = dataset[start : start + args.batch_size]
-        pixels = processor(batch[args.image_column], return_tensors="pt")["pixel_values"].to(args.device)
+    for start in range(0, len(images), args.batch_size):
+        batch = images[start : start + args.batch_size]
+        pixels = processor(batch["pixel_values"], return_tensors="pt")["pixel_values"].to(args.device)
         with torch.inference_mode():
             logits = model(pixels).logits.float().cpu().numpy()
-        labels = np.asarray(batch[args.label_column])
+        labels = np.asarray(batch["labels"])
         if labels.min() < 0 or labels.max() >= len(to_model_id):
             raise ValueError(f"labels must be class ids in [0, {len(to_model_id)}), got {sorted(set(labels.tolist()))}")
         metric.add_batch(predictions=logits, references=to_model_id[labels])

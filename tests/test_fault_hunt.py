@@ -2196,39 +2196,26 @@ add(
     "training/evaluate-batch-size-zero",
     lambda ctx: evaluate(ctx, "--batch_size", "0"),
     r"batch_size must be",
-    xfail="examples/evaluate_classifier.py: --batch_size 0 ends in ValueError 'range() arg 3 must not be zero' (the "
-    "flag is not named); -1 in evaluate's 'Evaluation module cache file doesn't exist'. Check batch_size >= 1 with "
-    "the other arguments",
 )
 add(
     "training/evaluate-batch-size-negative",
     lambda ctx: evaluate(ctx, "--batch_size", "-1"),
     r"batch_size must be",
-    xfail="examples/evaluate_classifier.py: --batch_size -1 runs no batch and fails in evaluate.compute "
-    "('Evaluation module cache file doesn't exist'); check batch_size >= 1",
 )
 add(
     "training/evaluate-corrupt-image",
     lambda ctx: evaluate(ctx, data=_folder_with_corrupt_image(ctx)),
     r"b/1.png",
-    xfail="examples/evaluate_classifier.py: a truncated image in the evaluation folder is PIL's OSError 'image file "
-    "is truncated', naming no file (datasets decodes it). Decode with convnextv2_hf.transforms.load_image "
-    "(Image(decode=False) column), which raises ValueError naming the file",
 )
 add(
     "training/evaluate-text-file-as-image",
     lambda ctx: evaluate(ctx, data=_folder_with_text_image(ctx)),
     r"cannot read image .*b/0.png",
-    xfail="examples/evaluate_classifier.py: a text file named .png is PIL's UnidentifiedImageError (an OSError, not "
-    "a ValueError); decoding with convnextv2_hf.transforms.load_image would give the ValueError naming the file",
 )
 
 
 @case(
     "training/evaluate-one-class-folder",
-    xfail="examples/evaluate_classifier.py / transforms.image_folder_dataset: a folder holding a single class "
-    "sub-folder (all validation images of class 'b') is refused with \"has no 'label' column\", because datasets' "
-    "imagefolder drops labels when there is one class. image_folder_dataset should load with drop_labels=False",
 )
 def _one_class(ctx):
     data = image_folder(ctx.path("one"), classes=("b",), splits=("",))
@@ -2262,16 +2249,11 @@ add(
         ],
     ),
     r"preprocessor_config.json|--image_size",
-    xfail="examples/evaluate_classifier.py: a model folder without preprocessor_config.json (model.save_pretrained "
-    "only) is transformers' OSError \"Can't load image processor\"; the script should say to pass --image_size (or "
-    "fall back to the official processor at config.image_size)",
 )
 add(
     "training/evaluate-device-unknown",
     lambda ctx: evaluate(ctx, "--device", "tpu"),
     r"--device|tpu",
-    xfail="examples/evaluate_classifier.py: --device tpu is torch's RuntimeError listing device types; check it "
-    "with torch.device() among the arguments and raise ValueError naming --device",
 )
 add(
     "training/evaluate-fcmae-model-as-classifier",
