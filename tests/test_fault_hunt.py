@@ -655,18 +655,11 @@ add(
     "model/labels-on-a-headless-model",
     lambda ctx: classifier(num_labels=0)(pixels(), labels=torch.tensor([0, 1])),
     r"num_labels=0|no classification head",
-    xfail="modeling_convnextv2.py: labels given to a num_labels=0 model (Identity head) fail in the loss with "
-    "RuntimeError \"shape '[-1, 0]' is invalid for input of size 64\"; check_classification_labels should raise "
-    "ValueError('labels given, but the model has no classification head (num_labels=0)')",
 )
 
 
 @case(
     "model/ignore-index-labels-like-the-built-in",
-    xfail="modeling_convnextv2.py: class-index labels of -100 (transformers' ignore index, which the built-in "
-    "ConvNextV2ForImageClassification ignores and share_of_step_loss already leaves out of its count) raise "
-    "ValueError 'must lie in [0, 4]'; check_classification_labels should accept -100 (range-check the other "
-    "labels), and the loss should be 0, not NaN, when every label is -100",
 )
 def _ignore_index(ctx):
     """-100 marks a label to ignore in transformers' cross-entropy (the built-in model ignores it): the loss is that
@@ -728,68 +721,40 @@ def _num_items_zero(ctx):
     model(pixels(), noise=noise, labels=labels, num_items_in_batch=0)
 
 
-_PUBLIC_METHOD = (
-    "modeling_convnextv2.py: {call} is {today}; {method} is public API (the MAE recipe as named methods), so it "
-    "should check its input and raise ValueError naming the expected shape"
-)
 add(
     "model/fcmae-batch-zero",
     lambda ctx: fcmae()(torch.randn(0, 3, 64, 64)),
     r"batch|empty",
-    xfail="modeling_convnextv2.py: an empty batch (0, 3, 64, 64) to ConvNextV2ForMaskedImageModeling is torch's "
-    "RuntimeError 'cannot reshape tensor of 0 elements into shape [0, -1]' (the classifier supports batch 0); give "
-    "loss 0 and empty logits as the classifier does, or raise ValueError",
 )
 add(
     "model/patchify-size-not-multiple",
     lambda ctx: fcmae().patchify(torch.randn(1, 3, 48, 48)),
     r"multiple|48",
-    xfail=_PUBLIC_METHOD.format(
-        call="patchify of a 48x48 image (mask_patch_size 32)", today="torch's reshape RuntimeError", method="patchify"
-    ),
 )
 add(
     "model/patchify-3d-input",
     lambda ctx: fcmae().patchify(torch.randn(3, 64, 64)),
     r"\(N, C, H, W\)|4-D",
-    xfail=_PUBLIC_METHOD.format(
-        call="patchify of a (3, 64, 64) tensor",
-        today="ValueError 'not enough values to unpack (expected 4, got 3)'",
-        method="patchify",
-    ),
 )
 add(
     "model/unpatchify-wrong-patch-width",
     lambda ctx: fcmae().unpatchify(torch.randn(1, 4, 100)),
     r"3072|p\^2|patch",
-    xfail=_PUBLIC_METHOD.format(
-        call="unpatchify of (1, 4, 100) patches (32*32*3 = 3072 values each)",
-        today="torch's reshape RuntimeError",
-        method="unpatchify",
-    ),
 )
 add(
     "model/forward-loss-shape-mismatch",
     lambda ctx: fcmae().forward_loss(pixels(), torch.randn(2, 4, 100), torch.ones(2, 4)),
     r"logits.*\(2, 4, 3072\)",
-    xfail=_PUBLIC_METHOD.format(
-        call="forward_loss with logits (2, 4, 100) for targets (2, 4, 3072)",
-        today="torch's broadcast RuntimeError",
-        method="forward_loss",
-    ),
 )
 add(
     "model/draw-mask-1d-noise",
     lambda ctx: __import__("convnextv2_hf").modeling_convnextv2.draw_mask(torch.rand(4), 0.5),
     r"noise must .*\(N, L\)|2-D",
-    xfail=_PUBLIC_METHOD.format(call="draw_mask(torch.rand(4), 0.5)", today="IndexError", method="draw_mask"),
 )
 add(
     "model/noise-numpy",
     lambda ctx: fcmae()(pixels(), noise=np.random.rand(2, 4)),
     r"noise must be a tensor",
-    xfail="modeling_convnextv2.py: noise given as a NumPy array is torch's TypeError from argsort; random_masking "
-    "should raise ValueError('noise must be a tensor'), as _check_bool_masked_pos does for bool_masked_pos",
 )
 
 
@@ -1665,15 +1630,6 @@ def _convert_all_failures(ctx):
 # ----------------------------------------------------------------------------------------------------------
 
 
-_MISSING_FOLDER = (
-    "modeling_convnextv2.py: from_pretrained of a local folder that does not exist is huggingface_hub's OSError "
-    "\"Repo id must be in the form 'repo_name' or 'namespace/repo_name'\" (transformers' PEFT adapter lookup runs "
-    "before the config is read, so ConvNextV2Config.get_config_dict's check comes too late). The from_pretrained "
-    "override should raise ValueError for a path that can only be local (absolute, ./, ~, more than one /) and does "
-    "not exist, as the config does"
-)
-
-
 def _examples():
     """The example scripts as modules (their ``main(argv)`` runs in-process)."""
     import evaluate_classifier
@@ -2235,7 +2191,6 @@ add(
         ],
     ),
     r"no-model' does not exist \(a local path",
-    xfail=_MISSING_FOLDER,
 )
 add(
     "training/evaluate-model-without-processor",
@@ -2367,7 +2322,6 @@ add(
     "loading/missing-folder",
     lambda ctx: _load(ctx.path("no-such-model")),
     r"no-such-model' does not exist \(a local path",
-    xfail=_MISSING_FOLDER,
 )
 add(
     "loading/num-labels-override-mismatch",
