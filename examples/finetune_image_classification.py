@@ -245,3 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():
+        # under torchrun every process leaves together: one that exits while another still writes (rank 0 saves the
+        # processor and card) can abort the run at interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

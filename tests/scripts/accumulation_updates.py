@@ -211,6 +211,8 @@ def main(output: str) -> None:
             updates[f"{case}/{run}/batch_sizes"] = torch.tensor(every_rank)  # (processes, micro-batches)
     if torch.distributed.get_rank() == 0:
         save_file(updates, output)
+    torch.distributed.barrier()  # every rank leaves together (a rank exiting mid-talk can abort the run)
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

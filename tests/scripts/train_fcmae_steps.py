@@ -63,6 +63,11 @@ def main(output: str, per_device_batch: int, grad_accum: int) -> None:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         state["train_loss"] = torch.tensor([result.training_loss])
         save_file(state, output)
+    if torch.distributed.is_initialized():
+        # every rank leaves together: a rank that exits while another still talks to it over gloo can abort the
+        # run at interpreter exit ("terminate called without an active exception")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
