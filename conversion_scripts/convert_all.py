@@ -24,19 +24,9 @@ from convnextv2_hf.conversion import (
     ConversionInterrupted,
     convert_checkpoint,
     is_converted_folder,
+    positive_int_argument,
     push_folder_to_hub,
 )
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def namespace_argument(text: str) -> str:
@@ -58,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", help="where official files are downloaded (default: torch.hub's cache)")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
-        "--verify-image-size", type=positive_int, help="side of the verification input (default: resolution)"
+        "--verify-image-size", type=positive_int_argument, help="side of the verification input (default: resolution)"
     )
     parser.add_argument("--push-to-hub", action="store_true")
     parser.add_argument("--private", action="store_true")

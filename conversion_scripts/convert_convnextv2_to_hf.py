@@ -26,19 +26,9 @@ from convnextv2_hf.conversion import (
     ConversionInterrupted,
     convert_checkpoint,
     parse_sha256,
+    positive_int_argument,
     push_folder_to_hub,
 )
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
 
 
 def sha256_argument(text: str) -> str:
@@ -72,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="convnextv2_<size>, <size>, 'custom' or an official name; default: from the file name, else the shapes",
     )
     parser.add_argument(
-        "--resolution", type=positive_int, help="image size of the checkpoint (default: from the name, or 224)"
+        "--resolution", type=positive_int_argument, help="image size of the checkpoint (default: from the name, or 224)"
     )
     parser.add_argument(
         "--verify",
@@ -81,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="compare with timm's ConvNeXt V2 before writing (default: on)",
     )
     parser.add_argument(
-        "--verify-image-size", type=positive_int, help="side of the verification input (default: resolution)"
+        "--verify-image-size", type=positive_int_argument, help="side of the verification input (default: resolution)"
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an output folder that an earlier conversion wrote"

@@ -1142,6 +1142,17 @@ _FILE_NAME_PATTERN = re.compile(
 )
 
 
+def positive_int_argument(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def parse_sha256(text: str) -> str:
     """A SHA-256 as 64 hexadecimal digits (any case, an optional ``sha256:`` prefix) -> lower case."""
     digest = str(text).strip().lower().removeprefix("sha256:")
