@@ -165,3 +165,21 @@ def test_a_truncated_weights_file_is_a_value_error_naming_it(tmp_path, keep):
         ConvNextV2ForImageClassification.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"model\.safetensors is not a complete safetensors file"):
         transformers.AutoModelForImageClassification.from_pretrained(tmp_path)
+
+
+def test_upernet_on_our_backbone_matches_the_builtin_backbone_at_odd_sizes():
+    from transformers import UperNetConfig, UperNetForSemanticSegmentation
+
+    backbone_config = tiny_config(out_features=["stage1", "stage2", "stage3", "stage4"], layer_norm_eps=1e-12)
+    config = UperNetConfig(backbone_config=backbone_config, hidden_size=16, auxiliary_in_channels=24, num_labels=3)
+    ours = randomize_(UperNetForSemanticSegmentation(config)).eval()
+    assert isinstance(ours.backbone, ConvNextV2Backbone)  # AutoBackbone.from_config builds ours after the import
+    reference = UperNetForSemanticSegmentation(config).eval()
+    reference.backbone = builtin.ConvNextV2Backbone(builtin_config(backbone_config)).eval()
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    for size in [(100, 75), (33, 47), (225, 161)]:
+        pixels = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            got, expected = ours(pixels).logits, reference(pixels).logits
+        assert got.shape == (2, 3, *size)
+        assert (got - expected).abs().max().item() <= TOLERANCE * max(1.0, expected.abs().max().item()), size
