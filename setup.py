@@ -48,7 +48,7 @@ setup(
         "torchvision>=0.19",
         "pillow>=10",
         "numpy>=1.24",
-        "transformers>=5.0,<6",
+        "transformers>=5.17,<6",  # output capturing (hidden-state selection) as used here; tested on 5.17 and 5.24
         "safetensors>=0.4",
         "huggingface_hub>=1.0",
     ],

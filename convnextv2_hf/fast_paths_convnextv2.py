@@ -72,11 +72,17 @@ def fast_path_allowed(name: str, setting: bool | list[str], tensor: torch.Tensor
         torch.jit.is_tracing()
         or torch.jit.is_scripting()
         or torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
+        or _is_exporting()
         or torch._C._are_functorch_transforms_active()
     ):
         return False
     return all(is_bare(layer) for layer in layers)
+
+
+def _is_exporting() -> bool:
+    # torch.compiler.is_exporting arrived after torch 2.4, the oldest torch this package admits
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
 
 
 def is_bare(layer: nn.Module) -> bool:
