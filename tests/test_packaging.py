@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from test_conversion import official_dense  # the official fine-tuned layout, random weights
 
 import convnextv2_hf
 
@@ -115,43 +116,6 @@ def test_the_wheel_and_the_sdist_carry_every_file_of_the_package(built):
     assert {"setup.py", "pyproject.toml", "README.md"} <= in_sdist
 
 
-def _official_classifier_state_dict(depths: list[int], widths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights in the official fine-tuned layout (``downsample_layers``/``stages``/``norm``/``head`` names
-    and shapes of models/convnextv2.py in the official repository), 1000 classes."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int, offset: float = 0.0, scale: float = 0.03) -> torch.Tensor:
-        return torch.randn(shape, generator=generator) * scale + offset
-
-    state = {
-        "downsample_layers.0.0.weight": rand(widths[0], 3, 4, 4, scale=0.1),
-        "downsample_layers.0.0.bias": rand(widths[0]),
-        "downsample_layers.0.1.weight": rand(widths[0], offset=1.0),
-        "downsample_layers.0.1.bias": rand(widths[0]),
-    }
-    for stage in range(1, len(depths)):
-        state[f"downsample_layers.{stage}.0.weight"] = rand(widths[stage - 1], offset=1.0)
-        state[f"downsample_layers.{stage}.0.bias"] = rand(widths[stage - 1])
-        state[f"downsample_layers.{stage}.1.weight"] = rand(widths[stage], widths[stage - 1], 2, 2)
-        state[f"downsample_layers.{stage}.1.bias"] = rand(widths[stage])
-    for stage, (depth, dim) in enumerate(zip(depths, widths, strict=True)):
-        for block in range(depth):
-            prefix = f"stages.{stage}.{block}."
-            state[prefix + "dwconv.weight"] = rand(dim, 1, 7, 7)
-            state[prefix + "dwconv.bias"] = rand(dim)
-            state[prefix + "norm.weight"] = rand(dim, offset=1.0)
-            state[prefix + "norm.bias"] = rand(dim)
-            state[prefix + "pwconv1.weight"] = rand(4 * dim, dim)
-            state[prefix + "pwconv1.bias"] = rand(4 * dim)
-            state[prefix + "grn.gamma"] = rand(1, 1, 1, 4 * dim, scale=0.3)
-            state[prefix + "grn.beta"] = rand(1, 1, 1, 4 * dim)
-            state[prefix + "pwconv2.weight"] = rand(dim, 4 * dim)
-            state[prefix + "pwconv2.bias"] = rand(dim)
-    state.update({"norm.weight": rand(widths[-1], offset=1.0), "norm.bias": rand(widths[-1])})
-    state.update({"head.weight": rand(1000, widths[-1], scale=0.5), "head.bias": rand(1000)})
-    return state
-
-
 # runs in the fresh folder, with only the installed wheel on the path for this package
 INSTALLED_RUN = r"""
 import json, sys
@@ -189,7 +153,7 @@ def test_the_installed_wheel_converts_a_checkpoint_and_the_result_classifies_in_
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(site),
           str(built["wheel"])], cwd=root)
     checkpoint = work / "custom_1k.pt"
-    torch.save({"model": _official_classifier_state_dict(*TINY)}, checkpoint)
+    torch.save({"model": official_dense(TINY, num_classes=1000)}, checkpoint)
     # only the installed copy: the source tree is neither the working directory nor on PYTHONPATH (the venv's
     # editable finder sits after the path entries, and the assertion below proves which copy ran)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
