@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -107,6 +106,10 @@ if device.type == "cuda":
     if not torch.cuda.is_available():
         raise SystemExit("torch " + torch.__version__ + " sees no CUDA device")
     info["device_name"] = torch.cuda.get_device_name(device)
+else:  # the benchmark's own name for a CPU
+    sys.path.insert(0, sys.argv[1] + "/benchmarks")
+    from benchmark import cpu_name
+    info["device_name"] = cpu_name()
 try:
     import timm
     info["timm"] = timm.__version__
@@ -419,16 +422,6 @@ def ablation_verdicts(rows: dict[str, dict]) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def format_report(report: dict) -> str:
     lines = [
         "",
@@ -496,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     python, info = chosen
     device_type = args.device.split(":")[0]
     report = {
-        "device": info["device_name"] or cpu_name(),
+        "device": info["device_name"],
         "device_type": device_type,
         "smoke": args.smoke,
         "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started_wall)),
