@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging as python_logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -549,7 +551,36 @@ class FCMAEReconstructionCallback(TrainerCallback):
         return path
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Running a script
+# ----------------------------------------------------------------------------------------------------------
+
+
+def setup_script_logging(training_args: TrainingArguments, script_logger: python_logging.Logger) -> None:
+    """The examples' logging, as transformers' example scripts set it: timestamped lines on stdout, ``script_logger``
+    at INFO on the process that logs (WARNING elsewhere), transformers at ``--log_level``."""
+    python_logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[python_logging.StreamHandler(sys.stdout)],
+    )
+    script_logger.setLevel(python_logging.INFO if training_args.should_log else python_logging.WARNING)
+    if training_args.log_level != "passive":
+        logging.set_verbosity(training_args.get_process_log_level())  # transformers' logging
+
+
+def finish_distributed_run() -> None:
+    """End a script's run under torchrun: every process waits for the others, then leaves the process group. A process
+    that exits while another still talks to it over gloo (rank 0 saving the model or the card) can abort the run at
+    interpreter exit ("terminate called without an active exception"). Nothing to do in a single process."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 __all__ = [
+    "finish_distributed_run",
+    "setup_script_logging",
     "EMACallback",
     "FCMAECollator",
     "FCMAEMaskEpochCallback",

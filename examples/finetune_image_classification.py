@@ -19,19 +19,23 @@ at the first one.
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import transformers
 from transformers import HfArgumentParser, Trainer, set_seed
 
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification, ConvNextV2ImageProcessor
 from convnextv2_hf.configuration_convnextv2 import PRESETS
 from convnextv2_hf.metrics import load_top_k_accuracy
 from convnextv2_hf.recipes import FINETUNE_HEAD_INIT_STD, FinetuneTrainingArguments, create_model_card
-from convnextv2_hf.training import EMACallback, layer_decay_optimizer, resume_checkpoint
+from convnextv2_hf.training import (
+    EMACallback,
+    finish_distributed_run,
+    layer_decay_optimizer,
+    resume_checkpoint,
+    setup_script_logging,
+)
 from convnextv2_hf.transforms import MixUpCutMixCollator, finetuning_transform, with_image_transform
 
 logger = logging.getLogger(__name__)
@@ -201,20 +205,9 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     )
 
 
-def setup_logging(training_args) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
-    if training_args.log_level != "passive":
-        transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-
-
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(argv)
-    setup_logging(training_args)
+    setup_script_logging(training_args, logger)
     logger.info("effective training hyper-parameters\n" + training_args.recipe_report())
     resume = resume_checkpoint(training_args)  # True/last -> the newest checkpoint; a bad one stops us here
     trainer = build_trainer(model_args, data_args, training_args)
@@ -245,8 +238,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    if torch.distributed.is_initialized():
-        # under torchrun every process leaves together: one that exits while another still writes (rank 0 saves the
-        # processor and card) can abort the run at interpreter exit
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish_distributed_run()

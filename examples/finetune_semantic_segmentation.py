@@ -46,7 +46,13 @@ from convnextv2_hf import ConvNextV2Config
 from convnextv2_hf.configuration_convnextv2 import PRESETS
 from convnextv2_hf.metrics import MeanIoU
 from convnextv2_hf.recipes import check_training_values
-from convnextv2_hf.training import LAYER_DECAY_TYPES, check_safetensors_files, layer_decay_optimizer, resume_checkpoint
+from convnextv2_hf.training import (
+    LAYER_DECAY_TYPES,
+    check_safetensors_files,
+    finish_distributed_run,
+    layer_decay_optimizer,
+    resume_checkpoint,
+)
 from convnextv2_hf.transforms import IMAGE_EXTENSIONS
 
 logger = logging.get_logger(__name__)
@@ -440,8 +446,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    if torch.distributed.is_initialized():
-        # under torchrun every process leaves together: one that exits while another still writes (rank 0 saves the
-        # processor and card) can abort the run at interpreter exit
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish_distributed_run()

@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-import sys
 from dataclasses import dataclass, field
 
 import torch
-import transformers
 from transformers import HfArgumentParser, Trainer, set_seed
 
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForMaskedImageModeling, ConvNextV2ImageProcessor
@@ -36,7 +34,9 @@ from convnextv2_hf.training import (
     FCMAEMaskEpochCallback,
     FCMAEReconstructionCallback,
     fcmae_loss,
+    finish_distributed_run,
     resume_checkpoint,
+    setup_script_logging,
     skips_weight_decay,
 )
 from convnextv2_hf.transforms import (
@@ -240,20 +240,9 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     )
 
 
-def setup_logging(training_args) -> None:
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)
-    if training_args.log_level != "passive":
-        transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-
-
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(argv)
-    setup_logging(training_args)
+    setup_script_logging(training_args, logger)
     logger.info("effective training hyper-parameters\n" + training_args.recipe_report())
     resume = resume_checkpoint(training_args)  # True/last -> the newest checkpoint; a bad one stops us here
     trainer = build_trainer(model_args, data_args, training_args)
@@ -283,8 +272,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    if torch.distributed.is_initialized():
-        # under torchrun every process leaves together: one that exits while another still writes (rank 0 saves the
-        # processor and card) can abort the run at interpreter exit
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish_distributed_run()

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
-from convnextv2_hf.training import FCMAECollator, fcmae_loss
+from convnextv2_hf.training import FCMAECollator, fcmae_loss, finish_distributed_run
 from convnextv2_hf.transforms import MixUpCutMixCollator
 
 NUM_LABELS = 5
@@ -211,8 +211,7 @@ def main(output: str) -> None:
             updates[f"{case}/{run}/batch_sizes"] = torch.tensor(every_rank)  # (processes, micro-batches)
     if torch.distributed.get_rank() == 0:
         save_file(updates, output)
-    torch.distributed.barrier()  # every rank leaves together (a rank exiting mid-talk can abort the run)
-    torch.distributed.destroy_process_group()
+    finish_distributed_run()
 
 
 if __name__ == "__main__":

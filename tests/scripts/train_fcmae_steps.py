@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from transformers import Trainer, TrainingArguments
 
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForMaskedImageModeling
-from convnextv2_hf.training import FCMAECollator, fcmae_loss
+from convnextv2_hf.training import FCMAECollator, fcmae_loss, finish_distributed_run
 
 
 class FixedImages(torch.utils.data.Dataset):
@@ -63,11 +63,7 @@ def main(output: str, per_device_batch: int, grad_accum: int) -> None:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         state["train_loss"] = torch.tensor([result.training_loss])
         save_file(state, output)
-    if torch.distributed.is_initialized():
-        # every rank leaves together: a rank that exits while another still talks to it over gloo can abort the
-        # run at interpreter exit ("terminate called without an active exception")
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish_distributed_run()
 
 
 if __name__ == "__main__":
