@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import free_port, tiny_config
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from test_training import StopAtStep  # interrupts a run right after a checkpoint
+from transformers import Trainer, TrainingArguments
 
 from convnextv2_hf import ConvNextV2ForMaskedImageModeling
 from convnextv2_hf.training import FCMAECollator, FCMAEMaskEpochCallback, fcmae_loss, mask_noise
@@ -74,18 +75,6 @@ class RecordingCollator(FCMAECollator):
         for example, labels in zip(examples, batch["labels"], strict=True):
             self.masks[(self.epoch, int(example["index"]))] = labels == 1
         return batch
-
-
-class StopAtStep(TrainerCallback):
-    """Interrupts training right after the checkpoint of ``step``, as a killed job would."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
 
 
 def test_a_resumed_pretraining_run_uses_the_masks_of_the_uninterrupted_run(tmp_path):
