@@ -13,6 +13,7 @@ path the residual stream of each stage is the visible positions gathered per sam
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -71,6 +72,19 @@ def check_pixel_values(pixel_values: torch.Tensor, config: ConvNextV2Config, mul
             f"height and width must be multiples of mask_patch_size={multiple}, got {height}x{width} "
             f"(input shape {tuple(pixel_values.shape)})"
         )
+
+
+def check_safetensors_files(folder: str | os.PathLike) -> None:
+    """``ValueError`` naming the first ``*.safetensors`` file in ``folder`` that is unreadable or cut short (its
+    header must describe exactly the bytes present). Reads headers only."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as error:  # SafetensorError ("incomplete metadata", "invalid header length"), OSError
+            raise ValueError(f"{path} is not a complete safetensors file: {error} (is it truncated?)") from error
 
 
 class ConvNextV2GRN(nn.Module):
@@ -509,15 +523,7 @@ class ConvNextV2PreTrainedModel(PreTrainedModel):
         check_local_path(pretrained_model_name_or_path)
         folder = Path(str(pretrained_model_name_or_path)).expanduser()
         if pretrained_model_name_or_path is not None and folder.is_dir():
-            from safetensors import safe_open
-
-            for path in sorted(folder.glob("*.safetensors")):
-                try:
-                    with safe_open(str(path), framework="pt"):
-                        pass
-                except Exception as error:  # SafetensorError (header cut short, bad length), OSError
-                    message = f"{path} is not a complete safetensors file ({error}); is it truncated?"
-                    raise ValueError(message) from error
+            check_safetensors_files(folder)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -30,7 +30,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from .configuration_convnextv2 import ConvNextV2Config
-from .modeling_convnextv2 import draw_mask, num_kept_patches
+from .modeling_convnextv2 import check_safetensors_files, draw_mask, num_kept_patches
 
 logger = logging.get_logger(__name__)
 
@@ -336,19 +336,6 @@ def fcmae_loss(outputs, labels=None, num_items_in_batch=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 EMA_WEIGHTS_NAME = "ema_model.safetensors"
-
-
-def check_safetensors_files(folder: str | os.PathLike) -> None:
-    """``ValueError`` naming the first ``*.safetensors`` file in ``folder`` that is unreadable or cut short (its
-    header must describe exactly the bytes present). Reads headers only."""
-    from safetensors import safe_open
-
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except Exception as error:  # SafetensorError ("incomplete metadata", "invalid header length"), OSError
-            raise ValueError(f"{path} is not a complete safetensors file: {error} (is it truncated?)") from error
 
 
 def resume_checkpoint(args: TrainingArguments) -> str | None:
