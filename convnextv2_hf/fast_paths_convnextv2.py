@@ -165,19 +165,20 @@ def gelu_grn_linear(
         return None
     # in place only where no autograd graph needs GELU's input, and pwconv1 has no hook that may have kept it
     activated = torch.ops.aten.gelu_(features) if inplace else layer.act(features)
-    norm = grn_norm(activated, visible, square_sum)
+    norm = grn_norm(layer.grn, activated, visible, square_sum)
     if fold:
         return grn_into_linear(layer.grn, activated, layer.pwconv2, visible, norm)
     return layer.pwconv2(layer.grn(activated, visible, norm=norm))
 
 
-def grn_norm(hidden_states: torch.Tensor, visible: torch.Tensor | None, square_sum: bool) -> torch.Tensor:
-    """GRN's per-sample channel norm (N, C), as ``ConvNextV2GRN.norm``, by the square-sum path where allowed."""
+def grn_norm(
+    grn: ConvNextV2GRN, hidden_states: torch.Tensor, visible: torch.Tensor | None, square_sum: bool
+) -> torch.Tensor:
+    """GRN's per-sample channel norm (N, C): ``grn.norm``, or the same numbers by the square-sum path."""
+    if not square_sum:
+        return grn.norm(hidden_states, visible)
     statistics_input = hidden_states if visible is None else hidden_states * visible
-    positions = statistics_input.flatten(1, -2)  # (N, positions, C)
-    if square_sum:
-        return square_sum_norm(positions)
-    return torch.linalg.vector_norm(positions, ord=2, dim=1, dtype=accumulation_dtype(positions.dtype))
+    return square_sum_norm(statistics_input.flatten(1, -2))  # (N, positions, C) -> (N, C)
 
 
 def folds(hidden_states: torch.Tensor, linear: nn.Linear) -> bool:
@@ -216,7 +217,7 @@ class GeluGrnLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, gamma, beta, weight, bias, grn, linear, visible, fold: bool, square_sum: bool):
         activated = F.gelu(h)
-        norm = grn_norm(activated, visible, square_sum)
+        norm = grn_norm(grn, activated, visible, square_sum)
         ctx.save_for_backward(h, norm, gamma, beta, weight, visible)
         if fold:
             return grn_into_linear(grn, activated, linear, visible, norm)
