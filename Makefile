@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # the package itself only declares ranges. Override for another platform: make test TORCH_SPEC="torch torchvision"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-fast test-lowest lint clean
 
 $(BIN)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,24 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# the quick tier for the inner loop: every test not marked `slow` (compile, export, multi-process, whole scripts)
+test-fast: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
+
+# the quick tier on the lowest transformers that setup.py allows (and the huggingface_hub it needs), laid over the
+# venv with PYTHONPATH so nothing else changes: the declared range is a tested range
+LOWEST_TRANSFORMERS ?= 5.17.0
+LOWEST := build/lowest-transformers-$(LOWEST_TRANSFORMERS)
+$(LOWEST)/.installed: $(BIN)/.installed
+	rm -rf $(LOWEST)
+	$(BIN)/pip install --quiet --no-deps --target $(LOWEST) "transformers==$(LOWEST_TRANSFORMERS)" \
+		"huggingface_hub>=1.31,<2" "httpx>=0.27,<1" "httpcore>=1"
+	touch $@
+test-lowest: $(LOWEST)/.installed
+	PYTHONPATH=$(abspath $(LOWEST)) HF_HUB_OFFLINE=1 $(BIN)/python -c \
+		"import transformers; assert transformers.__version__ == '$(LOWEST_TRANSFORMERS)', transformers.__version__"
+	PYTHONPATH=$(abspath $(LOWEST)) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check convnextv2_hf tests examples conversion_scripts benchmarks

@@ -10,10 +10,12 @@ version = next(
 
 extras = {
     "training": ["datasets>=3", "accelerate>=1.0", "evaluate>=0.4"],
-    # tests need the training stack plus timm (parity), scikit-image (real photos), scikit-learn (digits),
-    # peft (LoRA adapters on the block linears), setuptools >= 77 (the packaging test builds the wheel offline),
-    # onnx/onnxscript/onnxruntime (the dynamo ONNX export, run in onnxruntime) and parameterized (transformers' own
-    # model tests, `make transformers-suite`)
+    # `python -m convnextv2_hf.export` and `convnextv2_hf.deploy`: the dynamo ONNX export (onnx, onnxscript), the two
+    # runtimes, and scikit-image for the sample photos the export verifies on
+    "deploy": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18", "openvino>=2024.4", "scikit-image>=0.22"],
+    # tests need the training and deploy stacks plus timm (parity), scikit-image (real photos), scikit-learn
+    # (digits), peft (LoRA adapters on the block linears), setuptools >= 77 (the packaging test builds the wheel
+    # offline) and parameterized (transformers' own model tests, `make transformers-suite`)
     "dev": [
         "pytest>=8",
         "timm>=1.0",
@@ -22,13 +24,10 @@ extras = {
         "scikit-learn>=1.3",
         "peft>=0.13",
         "setuptools>=77",
-        "onnx>=1.16",
-        "onnxscript>=0.2",
-        "onnxruntime>=1.18",
         "parameterized>=0.9",
     ],
 }
-extras["dev"] += extras["training"]
+extras["dev"] = list(dict.fromkeys(extras["dev"] + extras["training"] + extras["deploy"]))  # scikit-image is in both
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})
 
 setup(

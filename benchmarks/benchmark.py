@@ -44,6 +44,7 @@ from convnextv2_hf import (  # noqa: E402
     ConvNextV2ForMaskedImageModeling,
 )
 from convnextv2_hf.configuration_convnextv2 import FAST_PATH_NAMES  # noqa: E402
+from convnextv2_hf.fast_paths_convnextv2 import native_bf16_cpu  # noqa: E402
 
 # Defaults that a preset sets; any flag given on the command line wins over them.
 PRESETS: dict[str, dict] = {
@@ -64,6 +65,20 @@ PRESETS: dict[str, dict] = {
         timm="eager",
     ),
 }
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# ablation precisions: (weights dtype, autocast dtype or None)
+PRECISIONS: dict[str, tuple[str, str | None]] = {
+    "fp32": ("fp32", None),
+    "bf16": ("bf16", None),
+    "fp16": ("fp16", None),
+    "bf16-autocast": ("fp32", "bf16"),
+    "fp16-autocast": ("fp32", "fp16"),
+}
+# how far the logits of a fast-path variant may be from the reference math in the same precision (of the largest)
+ABLATION_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
+RUNTIMES = ("onnxruntime", "openvino")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,6 +112,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="run only these groups: infer train fcmae ablate (ablate: not by default)",
     )
+    parser.add_argument(
+        "--low-precision",
+        nargs="*",
+        choices=["weights", "autocast"],
+        default=["weights", "autocast"],
+        help="extra cases in --low-dtype: weights cast to it, and fp32 weights under autocast (inference, training "
+        "step; autocast also for the sparse FCMAE step); none: --low-precision with no value",
+    )
+    parser.add_argument("--low-dtype", choices=["bf16", "fp16"], default="bf16", help="dtype of --low-precision")
+    parser.add_argument(
+        "--runtimes",
+        nargs="*",
+        choices=list(RUNTIMES),
+        default=None,
+        help="deployment runtimes timed beside eager inference on our ONNX export (default on CPU: all; on CUDA: "
+        "none); a runtime not installed is skipped with a note",
+    )
+    parser.add_argument(
+        "--ablate-precisions",
+        nargs="+",
+        choices=list(PRECISIONS),
+        default=None,
+        help="--only ablate in these precisions (weights cast, or fp32 weights under autocast; default: the run's "
+        "--dtype); the rows of the others are named with the precision in brackets",
+    )
+    parser.add_argument("--peak-size", type=int, default=2048, help="side of the timed matmul for the peak GFLOPS")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; later groups and cases are skipped")
     parser.add_argument("--output", default="benchmarks/results.json")
     preset = parser.parse_known_args(argv)[0].preset
@@ -118,6 +159,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--device {args.device!r}: only cpu and cuda are measured")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device} asked for (preset {preset}), but torch sees no CUDA device")
+    if args.peak_size < 1:
+        parser.error(f"--peak-size must be >= 1, got {args.peak_size}")
+    if args.runtimes is None:
+        args.runtimes = list(RUNTIMES) if device.type == "cpu" else []
+    elif args.runtimes and device.type != "cpu":
+        parser.error(f"--runtimes {' '.join(args.runtimes)}: the runtimes are timed on CPU only")
+    if args.ablate_precisions is None:
+        args.ablate_precisions = [args.dtype if args.dtype == "fp32" else f"{args.dtype}-autocast"]
     return args
 
 
@@ -151,6 +200,10 @@ class Bench:
         self.started = time.perf_counter()
         self.deadline = None if args.time_budget is None else self.started + args.time_budget
         self.last_warmup_s = 0.0  # the latest case's warm-up (compile included): the estimate for the next one
+        self.machine = machine_facts(self.device)
+        self.peaks: dict[str, float] = {}  # measured matmul GFLOPS per precision ("fp32", "bf16", ...)
+        self.agreement: dict[str, dict] = {}  # low precision against fp32 on real photos
+        self.notes: list[str] = []  # what was not run and why (a runtime not installed, no native bf16, ...)
 
     def out_of_time(self, name: str, estimate_s: float = 0.0) -> bool:
         """Whether ``name`` (a group or case) would start after the time budget or, by ``estimate_s``, end after it;
@@ -176,6 +229,10 @@ class Bench:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "threads": torch.get_num_threads(),
+            "machine": self.machine,
+            "matmul_peak_gflops": self.peaks,
+            "agreement": self.agreement,
+            "notes": self.notes,
             "args": vars(self.args),
             "date": time.strftime("%Y-%m-%d"),
             "complete": complete,
@@ -253,25 +310,41 @@ class Bench:
                 name = f"repeats {repeat + 1}-{self.args.repeats} of {names}"
                 self.skipped.append({"name": name, "reason": "time budget spent"})
                 break
-            for case_times, (_, _, step, _) in zip(times, warm, strict=True):
+            for case_times, (_, _, step, *_) in zip(times, warm, strict=True):
                 start = time.perf_counter()
                 step()
                 self.sync()
                 case_times.append(time.perf_counter() - start)
         new_rows = []
-        for (name, batch, _, anchor), case_times, peak in zip(warm, times, peaks, strict=True):
+        for (name, batch, _, anchor, *extra), case_times, peak in zip(warm, times, peaks, strict=True):
             if not case_times:  # no repeat at all (--repeats 0)
                 continue
             median = statistics.median(case_times)
             row = {"name": name, "batch": batch, "img_per_s": batch / median, "median_s": median, "peak_gb": peak}
             row["anchor"] = anchor
             row["repeats"] = len(case_times)
+            row.update(self.share(row, *extra))
             self.rows.append(row)
             new_rows.append(row)
             print(f"  {name:<{NAME_WIDTH}} {row['img_per_s']:9.1f} img/s", flush=True)
         for row in new_rows:
             row["ratio"], row["memory_ratio"] = self.ratio(row), self.ratio(row, "peak_gb")
         self.save()
+
+    def note(self, name: str, reason: str) -> None:
+        """Something not run, and why (a runtime not installed, an export that failed): in the JSON and printed."""
+        self.notes.append(f"{name}: {reason}")
+        print(f"  not run: {name}: {reason}", flush=True)
+
+    def share(self, row: dict, extra: dict | None = None) -> dict:
+        """A case's precision, its matrix-product work per image (GFLOP, the fp32 model's) and the share of the
+        machine's measured matmul peak in that precision it reaches (``extra``: ``precision``, ``gflop``)."""
+        extra = dict(extra or {})
+        precision, gflop = extra.pop("precision", None), extra.pop("gflop", None)
+        peak = self.peaks.get(precision) if precision else None
+        result = {"precision": precision, "gflop_per_image": gflop, **extra}
+        result["share_of_peak"] = gflop * row["img_per_s"] / peak if gflop and peak else None
+        return result
 
     def ratio(self, row: dict, key: str = "img_per_s") -> float | None:
         """``row[key]`` over its anchor's (speed by default; ``peak_gb`` for memory)."""
@@ -306,12 +379,18 @@ def timm_model(preset: str, device: torch.device):
 
 
 def run_inference(bench: Bench) -> None:
+    """Eager (and compiled) inference of the built-in, ours and timm's; in the eager run also both classes with
+    weights in ``--low-dtype`` and under its autocast, and the deployment runtimes on our ONNX export, all in one
+    round-robin. Every row is against the built-in in the run's dtype, eager."""
     args = bench.args
     print(f"inference, ConvNeXt V2-{args.model}, batch {args.batch}, {args.image_size}px")
     ours, reference = classifier_pair(args.model, bench.device)
     timm = timm_model(args.model, bench.device) if args.timm != "none" else None
     candidates = {"builtin": reference, "ours": ours, "timm": timm}
     pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, device=bench.device)
+    gflop = model_gflop(reference, pixels[:1])
+    base = args.dtype if args.dtype != "fp32" else "fp32"
+    low, low_dtype = args.low_dtype, DTYPES[args.low_dtype]
     for mode in args.modes:
         compiled = mode == "compile"
         if bench.out_of_time(f"infer {mode}"):
@@ -331,16 +410,138 @@ def run_inference(bench: Bench) -> None:
                     model(inputs)
 
             anchor = None if name == "builtin" else f"infer builtin {mode}"
-            cases.append((f"infer {name} {mode}", args.batch, step, anchor))
+            cases.append((f"infer {name} {mode}", args.batch, step, anchor, {"precision": base, "gflop": gflop}))
+        anchor = f"infer builtin {mode}"
+        extra = {"precision": low, "gflop": gflop}
+        for name, model in (("builtin", reference), ("ours", ours)):
+            if "weights" in args.low_precision and not compiled:
+                cases.append(
+                    (f"infer {name} {low}-weights {mode}", args.batch, low_weights_step(model, pixels, low_dtype),
+                     anchor, extra)
+                )  # fmt: skip
+            if "autocast" in args.low_precision and args.dtype == "fp32" and (name == "ours" or not compiled):
+                model = compile_frozen(model.eval()) if compiled else model.eval()
+                cases.append(
+                    (f"infer {name} {low}-autocast {mode}", args.batch, autocast_step(model, pixels, bench, low_dtype),
+                     anchor, extra)
+                )  # fmt: skip
+        if not compiled:
+            cases += runtime_cases(bench, ours, pixels, gflop)
+        if compiled and f"infer ours {low}-autocast compile" in {case[0] for case in cases}:
+            bench.comparisons.append((f"infer ours {low}-autocast compile", "infer openvino default eager"))
         bench.measure(cases)
+    if args.low_precision and not bench.out_of_time("agreement"):
+        photos = photo_batch(args.image_size).to(bench.device)
+        bench.agreement = low_precision_agreement(ours, photos, low_dtype)
+        for case, figures in bench.agreement.items():
+            print(f"  {case} against fp32 on {figures['images']} photos: top-1 agreement "
+                  f"{figures['top1_agreement']}/{figures['images']}, largest logit error "
+                  f"{figures['max_abs_logit_error']:.3g} (largest logit {figures['max_abs_logit']:.3g})")  # fmt: skip
+        bench.save()
 
 
-def training_step(model, make_loss, bench: Bench) -> Callable[[], None]:
-    # fused AdamW, as the Trainer's default optim ("adamw_torch_fused") runs it
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+def low_weights_step(model: torch.nn.Module, pixels: torch.Tensor, dtype: torch.dtype) -> Callable[[], None]:
+    """Inference of a copy of ``model`` with its weights in ``dtype`` (as ``from_pretrained(..., dtype=dtype)``
+    loads it) on the pixels in ``dtype``."""
+    model = copy.deepcopy(model).to(dtype).eval()
+    inputs = pixels.to(dtype)
 
     def step():
-        with bench.autocast():
+        with torch.inference_mode():
+            model(inputs)
+
+    return step
+
+
+def autocast_step(model, pixels: torch.Tensor, bench: Bench, dtype: torch.dtype) -> Callable[[], None]:
+    """Inference of fp32 ``model`` under ``torch.autocast(device, dtype)``."""
+
+    def step():
+        with torch.inference_mode(), torch.autocast(bench.device.type, dtype=dtype):
+            model(pixels)
+
+    return step
+
+
+def compile_frozen(model: torch.nn.Module):
+    """``torch.compile`` with Inductor's freezing (weights folded in as constants: inference only), which is how the
+    compiled low-precision anchor of issue 19 was measured."""
+    compiled = torch.compile(model.to(memory_format=torch.channels_last))
+
+    def run(pixels):
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(pixels.contiguous(memory_format=torch.channels_last))
+
+    return run
+
+
+def runtime_cases(bench: Bench, model, pixels: torch.Tensor, gflop: float | None) -> list[tuple]:
+    """ONNX Runtime fp32, OpenVINO f32 and OpenVINO at its default precision on this CPU, on one
+    ``torch.onnx.export(dynamo=True)`` of ``model`` (``convnextv2_hf.export``), with as many threads as torch uses.
+    A runtime that is not installed, or an export that fails, is a note, not an error."""
+    args = bench.args
+    wanted = [runtime for runtime in args.runtimes if not bench.out_of_time(f"infer {runtime}")]
+    if not wanted:
+        return []
+    import importlib.util
+    import tempfile
+
+    missing = [runtime for runtime in wanted if importlib.util.find_spec(runtime) is None]
+    for runtime in missing:
+        bench.note(f"infer {runtime}", f"{runtime} not installed (pip install '.[deploy]')")
+    wanted = [runtime for runtime in wanted if runtime not in missing]
+    if not wanted:
+        return []
+    try:
+        from convnextv2_hf.export import export_onnx
+    except ImportError as error:
+        bench.note("infer runtimes", f"convnextv2_hf.export not importable ({error})")
+        return []
+    folder = Path(tempfile.mkdtemp(prefix="benchmark_onnx_"))
+    path = folder / "model.onnx"
+    try:
+        export_onnx(model, path)
+    except Exception as error:  # an exporter failure is reported, not fatal: the other groups still run
+        bench.note("infer runtimes", f"torch.onnx.export failed: {type(error).__name__}: {error}")
+        return []
+    inputs = pixels.cpu().numpy()
+    threads = torch.get_num_threads()
+    cases = []
+    anchor = "infer builtin eager"
+    if "onnxruntime" in wanted:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        cases.append(
+            ("infer onnxruntime fp32 eager", args.batch, lambda: session.run(None, {"pixel_values": inputs}), anchor,
+             {"precision": "fp32", "gflop": gflop})
+        )  # fmt: skip
+    if "openvino" in wanted:
+        import openvino
+
+        core = openvino.Core()
+        for label, hint in (("f32", {"INFERENCE_PRECISION_HINT": "f32"}), ("default", {})):
+            compiled = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, **hint})
+            precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+            precision = {"f32": "fp32", "f16": "fp16"}.get(precision, precision)
+            cases.append(
+                (f"infer openvino {label} eager", args.batch, lambda compiled=compiled: compiled(inputs), anchor,
+                 {"precision": precision, "gflop": gflop, "runtime_precision": precision})
+            )  # fmt: skip
+    return cases
+
+
+def training_step(model, make_loss, bench: Bench, dtype: torch.dtype | None | str = "run") -> Callable[[], None]:
+    """One optimizer step; the forward under the run's autocast (``dtype="run"``), ``dtype``'s autocast, or none."""
+    # fused AdamW, as the Trainer's default optim ("adamw_torch_fused") runs it
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    autocast = bench.autocast if dtype == "run" else (
+        lambda: nullcontext() if dtype is None else torch.autocast(bench.device.type, dtype=dtype))  # fmt: skip
+
+    def step():
+        with autocast():
             loss = make_loss(model)
         loss.backward()
         optimizer.step()
@@ -350,17 +551,38 @@ def training_step(model, make_loss, bench: Bench) -> Callable[[], None]:
 
 
 def run_training(bench: Bench) -> None:
+    """The classifier's training step (AdamW) of the built-in and ours; with ``--low-precision`` also with weights
+    in ``--low-dtype`` and under its autocast. Every row against the built-in's step in the run's dtype."""
     args = bench.args
     print(f"training step (AdamW), ConvNeXt V2-{args.model}, batch {args.train_batch}")
     ours, reference = classifier_pair(args.model, bench.device)
     pixels = torch.randn(args.train_batch, 3, args.image_size, args.image_size, device=bench.device)
     labels = torch.randint(0, 1000, (args.train_batch,), device=bench.device)
+    gflop = model_gflop(reference, pixels[:1], labels[:1])
+    base = args.dtype if args.dtype != "fp32" else "fp32"
+    low, low_dtype = args.low_dtype, DTYPES[args.low_dtype]
     cases = []
+    anchor = "train builtin eager"
     for name, model in (("builtin", reference), ("ours", ours)):
-        model.train()
-        step = training_step(model, lambda m: m(pixel_values=pixels, labels=labels).loss, bench)
-        anchor = None if name == "builtin" else "train builtin eager"
-        cases.append((f"train {name} eager", args.train_batch, step, anchor))
+        variants = [(name, model, "run", base)]
+        if "weights" in args.low_precision:
+            variants.append((f"{name} {low}-weights", copy.deepcopy(model).to(low_dtype), None, low))
+        if "autocast" in args.low_precision and args.dtype == "fp32":
+            variants.append((f"{name} {low}-autocast", copy.deepcopy(model), low_dtype, low))
+        for label, variant, autocast, precision in variants:
+            variant.train()
+            cast = low_dtype if label.endswith("-weights") else None
+
+            def loss(m, cast=cast):
+                return m(pixel_values=pixels if cast is None else pixels.to(cast), labels=labels).loss
+
+            step = training_step(variant, loss, bench, autocast)
+            cases.append((f"train {label} eager", args.train_batch, step, None if label == "builtin" else anchor,
+                          {"precision": precision, "gflop": gflop}))  # fmt: skip
+    names = {case[0] for case in cases}
+    if f"train ours {low}-autocast eager" in names:  # issue 19's targets: >= 2x our fp32 step, >= 1.5x the built-in's
+        bench.comparisons.append((f"train ours {low}-autocast eager", "train ours eager"))
+        bench.comparisons.append((f"train ours {low}-autocast eager", f"train builtin {low}-autocast eager"))
     bench.measure(cases)
 
 
@@ -370,6 +592,7 @@ def run_fcmae(bench: Bench) -> None:
     pixels = torch.randn(args.fcmae_batch, 3, args.image_size, args.image_size, device=bench.device)
     num_patches = (args.image_size // 32) ** 2
     noise = torch.rand(args.fcmae_batch, num_patches, device=bench.device)
+    low, low_dtype = args.low_dtype, DTYPES[args.low_dtype]
     for mode in args.modes:
         compiled = mode == "compile"
         if bench.out_of_time(f"fcmae {mode}"):
@@ -383,6 +606,10 @@ def run_fcmae(bench: Bench) -> None:
             step = training_step(forward, lambda m: m(pixels, noise=noise).loss, bench)
             anchor = None if impl == "dense" else f"fcmae dense {mode}"
             cases.append((f"fcmae {impl} {mode}", args.fcmae_batch, step, anchor))
+            if impl == "sparse" and "autocast" in args.low_precision and args.dtype == "fp32" and not compiled:
+                variant = copy.deepcopy(model)  # its own optimizer; the fp32 step is its anchor (issue 19: >= 1.8x)
+                step = training_step(variant, lambda m: m(pixels, noise=noise).loss, bench, low_dtype)
+                cases.append((f"fcmae sparse {low}-autocast {mode}", args.fcmae_batch, step, f"fcmae sparse {mode}"))
         if args.vitmae != "none":
             cases.append(vitmae_case(bench, mode, compiled, pixels))
             bench.comparisons.append((f"fcmae sparse {mode}", cases[-1][0]))
@@ -451,44 +678,66 @@ def exact_fp32():
 
 
 def run_ablation(bench: Bench) -> None:
+    """The ablation in every precision of ``--ablate-precisions``: ``DEVICE_DEFAULTS`` is keyed by device and dtype,
+    and each of its rows is chosen from the ablation in that dtype (autocast counting as its dtype)."""
+    for precision in bench.args.ablate_precisions:
+        if not bench.out_of_time(f"ablate {precision}"):
+            run_ablation_in(bench, precision)
+
+
+def precision_context(bench: Bench, precision: str):
+    """(weights dtype, a context for the forward) of an ablation precision: weights cast, or autocast on fp32."""
+    weights, autocast = PRECISIONS[precision]
+    if autocast is None:
+        return DTYPES[weights], nullcontext
+    return DTYPES[weights], lambda: torch.autocast(bench.device.type, dtype=DTYPES[autocast])
+
+
+def run_ablation_in(bench: Bench, precision: str) -> None:
     """Eager inference and training step of our classifier with each fast path switched off, and in channels_last;
-    the sparse FCMAE step without each of its training paths. "ours" is every path on, whatever the device's
-    defaults (``DEVICE_DEFAULTS``): this table is what those defaults are chosen from."""
+    the sparse FCMAE step without each of its training paths; in ``precision``. "ours" is every path on, whatever
+    the defaults (``DEVICE_DEFAULTS``): this table is what those defaults are chosen from. Rows of a precision other
+    than the run's own are named with it in brackets (``ablate infer ours, without grn_fold [bf16]``)."""
     args = bench.args
-    print(f"ablation: our ConvNeXt V2-{args.model} without each fast path (inference batch {args.batch}, "
+    own = precision == args.ablate_precisions[0] and precision in (args.dtype, f"{args.dtype}-autocast")
+    suffix = "" if own else f" [{precision}]"
+    dtype, context = precision_context(bench, precision)
+    print(f"ablation{suffix}: our ConvNeXt V2-{args.model} without each fast path (inference batch {args.batch}, "
           f"training batch {args.train_batch}), FCMAE V2-{args.fcmae_model} batch {args.fcmae_batch}")  # fmt: skip
     ours, reference = classifier_pair(args.model, bench.device)
-    pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, device=bench.device)
+    ours, reference = ours.to(dtype), reference.to(dtype)
+    pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, device=bench.device).to(dtype)
     variants = ablation_variants()
-    with torch.inference_mode(), exact_fp32():
+    tolerance = ABLATION_TOLERANCE[PRECISIONS[precision][1] or PRECISIONS[precision][0]]
+    with torch.inference_mode(), exact_fp32(), context():
         ours.config.fast_paths = False
         expected = ours.eval()(pixels).logits.float()
         for name, setting in variants.items():
             ours.config.fast_paths = setting
             error = (ours(pixels).logits.float() - expected).abs().max().item()
-            if not error <= 1e-4 * max(expected.abs().max().item(), 1.0):
-                raise RuntimeError(f"ablation {name!r} changes the logits by {error:.2e}: a fast path is wrong")
+            if not error <= tolerance * max(expected.abs().max().item(), 1.0):
+                raise RuntimeError(f"ablation {name!r}{suffix} changes the logits by {error:.2e}: a fast path is wrong")
     cases = []
 
     def infer_step(model, inputs, setting):
         def step():
             model.config.fast_paths = setting
-            with torch.inference_mode(), bench.autocast():
+            with torch.inference_mode(), context():
                 model(inputs)
 
         return step
 
-    cases.append(("ablate infer builtin", args.batch, infer_step(reference.eval(), pixels, True), None))
+    cases.append((f"ablate infer builtin{suffix}", args.batch, infer_step(reference.eval(), pixels, True), None))
     for name, setting in variants.items():
         step = infer_step(ours.eval(), pixels, setting)
-        anchor = "ablate infer builtin" if name == "ours" else "ablate infer ours"
-        cases.append((f"ablate infer {name}", args.batch, step, anchor))
+        anchor = f"ablate infer builtin{suffix}" if name == "ours" else f"ablate infer ours{suffix}"
+        cases.append((f"ablate infer {name}{suffix}", args.batch, step, anchor))
     channels_last = copy.deepcopy(ours).to(memory_format=torch.channels_last)
     step = infer_step(channels_last, pixels.contiguous(memory_format=torch.channels_last), variants["ours"])
-    cases.append(("ablate infer ours, channels_last", args.batch, step, "ablate infer ours"))
+    cases.append((f"ablate infer ours, channels_last{suffix}", args.batch, step, f"ablate infer ours{suffix}"))
     bench.measure(cases)
 
-    pixels = torch.randn(args.train_batch, 3, args.image_size, args.image_size, device=bench.device)
+    pixels = torch.randn(args.train_batch, 3, args.image_size, args.image_size, device=bench.device).to(dtype)
     labels = torch.randint(0, 1000, (args.train_batch,), device=bench.device)
     cases = []
     for name, setting in variants.items():
@@ -496,35 +745,161 @@ def run_ablation(bench: Bench) -> None:
         model.config.fast_paths = setting
 
         def loss(model):
-            return model(pixel_values=pixels, labels=labels).loss
+            with context():
+                return model(pixel_values=pixels, labels=labels).loss
 
-        anchor = None if name == "ours" else "ablate train ours"
-        cases.append((f"ablate train {name}", args.train_batch, training_step(model, loss, bench), anchor))
-    if not bench.out_of_time("ablate train"):
+        anchor = None if name == "ours" else f"ablate train ours{suffix}"
+        step = training_step(model, loss, bench, None)
+        cases.append((f"ablate train {name}{suffix}", args.train_batch, step, anchor))
+    if not bench.out_of_time(f"ablate train{suffix}"):
         bench.measure(cases)
     del cases
-    if not bench.out_of_time("ablate fcmae"):
-        run_fcmae_ablation(bench)
+    if not bench.out_of_time(f"ablate fcmae{suffix}"):
+        run_fcmae_ablation(bench, dtype, context, suffix)
 
 
-def run_fcmae_ablation(bench: Bench) -> None:
+def run_fcmae_ablation(bench: Bench, dtype: torch.dtype = torch.float32, context=None, suffix: str = "") -> None:
     """The sparse FCMAE step (encoder, decoder, loss, AdamW) with every path on, without each of its training paths,
     and with none; "ours" against the dense path's row of the fcmae group where that ran."""
     args = bench.args
-    pixels = torch.randn(args.fcmae_batch, 3, args.image_size, args.image_size, device=bench.device)
+    context = context or bench.autocast
+    pixels = torch.randn(args.fcmae_batch, 3, args.image_size, args.image_size, device=bench.device).to(dtype)
     noise = torch.rand(args.fcmae_batch, (args.image_size // 32) ** 2, device=bench.device)
     torch.manual_seed(0)
     config = ConvNextV2Config.from_preset(args.fcmae_model, fcmae_impl="sparse")
-    model = ConvNextV2ForMaskedImageModeling(config).to(bench.device).train()
+    model = ConvNextV2ForMaskedImageModeling(config).to(bench.device).to(dtype).train()
+
+    def loss(model):
+        with context():
+            return model(pixels, noise=noise).loss
+
     cases = []
     for name, setting in ablation_variants(list(FAST_PATH_NAMES), FCMAE_ABLATED_PATHS).items():
         variant = copy.deepcopy(model)  # one optimizer (and one config) per variant
         variant.config.fast_paths = setting
-        step = training_step(variant, lambda m: m(pixels, noise=noise).loss, bench)
-        anchor = "fcmae dense eager" if name == "ours" else "ablate fcmae ours"
-        cases.append((f"ablate fcmae {name}", args.fcmae_batch, step, anchor))
+        step = training_step(variant, loss, bench, None)
+        anchor = ("fcmae dense eager" if not suffix else None) if name == "ours" else f"ablate fcmae ours{suffix}"
+        cases.append((f"ablate fcmae {name}{suffix}", args.fcmae_batch, step, anchor))
     del model
     bench.measure(cases)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo), empty where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine_facts(device: torch.device) -> dict:
+    """What the figures depend on: the CPU (name, torch's capability, native bf16/fp16 instructions), threads and how
+    busy the machine was (load average; ``uptime``), and the GPU where one is used."""
+    flags = cpu_flags()
+    facts = {
+        "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "amx_bf16": "amx_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "avx512_fp16": "avx512_fp16" in flags,
+        "native_bf16": native_bf16_cpu(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average": [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    if device.type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+    return facts
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int, seconds: float = 1.0) -> float | None:
+    """GFLOPS of a timed (size x size) @ (size x size) matmul in ``dtype``, the best of repeats over about
+    ``seconds``: the machine's practical peak, which each case's share is taken of. ``None`` where the dtype does
+    not run there."""
+    try:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        torch.mm(a, b)
+    except RuntimeError:
+        return None
+    best, spent = float("inf"), 0.0
+    while spent < seconds or best == float("inf"):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+    return 2 * size**3 / best / 1e9
+
+
+def model_gflop(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor | None = None) -> float | None:
+    """Matrix-product and conv work of one image (GFLOP, torch's flop counter): the forward, or with ``labels`` a
+    training step's forward and backward. The fp32 built-in model's figure is used for every case of a group, so
+    the shares of the peak compare like with like."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            if labels is None:
+                with torch.no_grad():
+                    model.eval()(pixels)
+            else:
+                model.train()(pixel_values=pixels, labels=labels).loss.backward()
+                model.zero_grad(set_to_none=True)
+    except RuntimeError:
+        return None
+    return counter.get_total_flops() / 1e9 / len(pixels)
+
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "camera")
+
+
+def photo_batch(image_size: int = 224) -> torch.Tensor:
+    """Eight of scikit-image's bundled photographs (``PHOTOS``; grey ones as RGB) through our image processor at
+    ``image_size``: a realistic batch for agreement figures (natural-image statistics, not noise)."""
+    import numpy as np
+    from skimage import data
+
+    from convnextv2_hf import ConvNextV2ImageProcessor
+
+    images = []
+    for name in PHOTOS:
+        image = getattr(data, name)()
+        images.append(np.stack([image] * 3, axis=-1) if image.ndim == 2 else image[..., :3])
+    processor = ConvNextV2ImageProcessor(size={"shortest_edge": image_size})
+    return processor(images=images, return_tensors="pt")["pixel_values"].float()
+
+
+def low_precision_agreement(model, pixels: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> dict[str, dict]:
+    """``model`` (fp32, left as it is) with weights in ``dtype`` and under ``dtype`` autocast, against its own fp32
+    logits on ``pixels``: the largest logit error and how many images keep their top-1 class."""
+    label = next(name for name, value in DTYPES.items() if value == dtype)
+    model = model.eval()
+    device_type = pixels.device.type
+    with torch.inference_mode():
+        expected = model(pixels).logits.float()
+        with torch.autocast(device_type, dtype=dtype):
+            autocast = model(pixels).logits.float()
+        low = copy.deepcopy(model).to(dtype)
+        weights = low(pixels.to(dtype)).logits.float()
+    figures = {}
+    for case, logits in ((f"{label} weights", weights), (f"{label} autocast", autocast)):
+        figures[case] = {
+            "images": len(pixels),
+            "top1_agreement": int((logits.argmax(-1) == expected.argmax(-1)).sum()),
+            "max_abs_logit_error": (logits - expected).abs().max().item(),
+            "max_abs_logit": expected.abs().max().item(),
+        }
+    return figures
 
 
 def cpu_name() -> str:
@@ -554,19 +929,34 @@ def main(argv: list[str] | None = None) -> None:
         f"device {bench.device_name} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
         f"transformers {transformers.__version__}, dtype {args.dtype}, modes {' '.join(args.modes)}"
     )
+    machine = bench.machine
+    print(
+        f"cpu capability {machine['cpu_capability']}, amx_bf16 {machine['amx_bf16']}, avx512_bf16 "
+        f"{machine['avx512_bf16']}, load average {machine['load_average']}"
+    )
+    if not machine["native_bf16"] and bench.device.type == "cpu":
+        bench.notes.append("no native bf16 on this CPU (no AMX-BF16, no AVX512-BF16): torch emulates bf16, so the "
+                           "bf16 rows measure the emulation, not what bf16 gives on a CPU built for it")  # fmt: skip
+        print(f"  note: {bench.notes[-1]}")
+    for label in dict.fromkeys(["fp32", args.low_dtype, args.dtype]):
+        peak = matmul_peak_gflops(bench.device, DTYPES[label], args.peak_size)
+        if peak is not None:
+            bench.peaks[label] = peak
+    print("matmul peak: " + ", ".join(f"{label} {peak:.1f} GFLOPS" for label, peak in bench.peaks.items()))
     for group, run in GROUPS.items():
         if group in (args.only or ["infer", "train", "fcmae"]) and not bench.out_of_time(group):
             run(bench)
             if bench.device.type == "cuda":
                 torch.cuda.empty_cache()  # the group's models are gone; the next group starts from an empty cache
 
-    print(f"\n{'case':<{NAME_WIDTH}} {'img/s':>9} {'ratio':>7} {'peak GB':>8} {'memory':>7}  anchor")
+    print(f"\n{'case':<{NAME_WIDTH}} {'img/s':>9} {'ratio':>7} {'peak GB':>8} {'memory':>7} {'of peak':>8}  anchor")
     for row in bench.rows:
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "-"
         memory = f"{row['memory_ratio']:.0%}" if row["memory_ratio"] is not None else "-"
+        share = f"{row['share_of_peak']:.0%} {row['precision']}" if row.get("share_of_peak") else "-"
         print(
-            f"{row['name']:<{NAME_WIDTH}} {row['img_per_s']:9.1f} {ratio:>7} {row['peak_gb']:8.3f} {memory:>7}  "
-            f"{row['anchor'] or ''}"
+            f"{row['name']:<{NAME_WIDTH}} {row['img_per_s']:9.1f} {ratio:>7} {row['peak_gb']:8.3f} {memory:>7} "
+            f"{share:>8}  {row['anchor'] or ''}"
         )
     rows = {row["name"]: row for row in bench.rows}
     for name, anchor in bench.comparisons:
@@ -575,6 +965,11 @@ def main(argv: list[str] | None = None) -> None:
         speed = rows[name]["img_per_s"] / rows[anchor]["img_per_s"]
         memory = rows[name]["peak_gb"] / rows[anchor]["peak_gb"]
         print(f"{name} against {anchor}: {speed:.2f}x the img/s, {memory:.0%} of the peak memory")
+    for case, figures in bench.agreement.items():
+        print(f"{case} against fp32 on {figures['images']} photos: top-1 {figures['top1_agreement']}/"
+              f"{figures['images']}, largest logit error {figures['max_abs_logit_error']:.3g}")  # fmt: skip
+    for note in bench.notes:
+        print(f"note: {note}")
     for skipped in bench.skipped:
         print(f"skipped {skipped['name']}: {skipped['reason']}")
     bench.save(complete=True)

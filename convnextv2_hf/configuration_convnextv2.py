@@ -37,6 +37,14 @@ PRESETS: dict[str, dict[str, list[int]]] = {
 
 FCMAE_IMPLEMENTATIONS = ("sparse", "dense")
 
+# Bounds on the model a config builds, checked before anything is allocated (``check_model_size`` in the modeling
+# file): a hand-edited config.json (depths [2, 2, 20000, 2]) is refused at once instead of allocating until the
+# machine runs out of memory. ``allow_large_model=True`` lifts them. 10 billion parameters is about 15x
+# ConvNeXt V2-Huge (658 million in the classifier), 40 GB in float32; 1,000 blocks is 28x the deepest official
+# model (36), and every block costs about 30 KB of Python objects whatever its width.
+MAX_PARAMETERS = 10_000_000_000
+MAX_BLOCKS = 1_000
+
 # The fast paths of ``fast_paths_convnextv2.py``, by name. Each computes the same numbers as the reference math in
 # ``modeling_convnextv2.py`` (tests pin each one to it).
 FAST_PATH_NAMES = (
@@ -172,6 +180,71 @@ def _fast_paths(value: Any) -> str | None:
     return f"must be True, False or a list of names from {FAST_PATH_NAMES}"
 
 
+def _is_label_id(key: Any) -> bool:
+    # JSON keys are strings: transformers turns id2label's "0" into 0 after reading a file
+    return _is_int(key) or (isinstance(key, str) and key.isdecimal())
+
+
+def _id2label(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return f"must be a dict from class index to label name, got a {type(value).__name__}"
+    for key, label in value.items():
+        if not _is_label_id(key):
+            return f"keys must be class indices (ints, or decimal strings in a file), not {key!r}"
+        if not isinstance(label, str):
+            return f"values must be label names (str), but {key!r} maps to {label!r}"
+    return None
+
+
+def _label2id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return f"must be a dict from label name to class index, got a {type(value).__name__}"
+    for label, index in value.items():
+        if not isinstance(label, str):
+            return f"keys must be label names (str), not {label!r}"
+        if not _is_int(index):
+            return f"values must be class indices (ints), but {label!r} maps to {index!r}"
+    return None
+
+
+def labels_problem(id2label: dict | None, label2id: dict | None) -> str | None:
+    """What is wrong between ``id2label`` (int keys, as transformers stores them) and ``label2id``, or None.
+
+    id2label must name the classes 0 .. num_labels - 1, and every entry of label2id must point at a class of that
+    name. Names may repeat in id2label (ImageNet-1k has two "crane" classes): label2id then keeps one of them."""
+    if id2label is None:
+        return None
+    by_id = {int(key): label for key, label in id2label.items()}
+    if len(by_id) != len(id2label):
+        return f"id2label names a class twice (as an int and as a string key): {sorted(id2label, key=str)[:10]}"
+    id2label = by_id
+    ids = sorted(id2label)
+    if ids != list(range(len(ids))):
+        shown = ids if len(ids) <= 10 else ids[:5] + ["..."] + ids[-2:]
+        return f"id2label must name the classes 0 .. {len(ids) - 1} (one per logit), got the keys {shown}"
+    if label2id is None:
+        return None
+    for label, index in label2id.items():
+        if id2label.get(index) != label:
+            return (
+                f"label2id and id2label disagree: label2id[{label!r}] = {index!r} but id2label[{index!r}] = "
+                f"{id2label.get(index)!r}; give label2id = {{name: index for index, name in id2label.items()}}"
+            )
+    missing = sorted({label for label in id2label.values() if label not in label2id})
+    if missing:
+        return f"label2id lacks the labels {missing[:5]} of id2label; give both maps for the same classes"
+    return None
+
+
+def _default_label2id(label2id: dict | None) -> bool:
+    """transformers' placeholder map {"LABEL_0": 0, ...}, which many saved configs keep beside real id2label names."""
+    return label2id is not None and all(label == f"LABEL_{index}" for label, index in label2id.items())
+
+
 FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     "num_channels": _positive_int,
     "patch_size": _square_size,
@@ -193,6 +266,9 @@ FIELD_RULES: dict[str, Callable[[Any], str | None]] = {
     "num_labels": _num_labels,
     "problem_type": _problem_type,
     "dtype": _dtype,
+    "id2label": _id2label,
+    "label2id": _label2id,
+    "allow_large_model": _bool,
 }
 
 # transformers types these as plain ``float``, and its strict type check refuses an int such as 1
@@ -209,7 +285,9 @@ def check_field(name: str, value: Any) -> Any:
         return value
     problem = rule(value)
     if problem is not None:
-        raise ValueError(f"{name} {problem}, got {name}={value!r}")
+        shown = repr(value)
+        shown = shown if len(shown) <= 300 else shown[:300] + " ..."  # an id2label of 1,000 classes, say
+        raise ValueError(f"{name} {problem}, got {name}={shown}")
     if name in _FLOAT_FIELDS:
         return float(value)
     return _plain(value)
@@ -293,6 +371,18 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
         from ``FAST_PATH_NAMES``: exactly those, on any device. Whatever the setting, no fast path runs while
         tracing, exporting, compiling, under torch.func transforms, or on a wrapped or hooked layer. The numbers
         are the same either way.
+    allow_large_model (`bool`, defaults to False):
+        Build models beyond ``MAX_PARAMETERS`` (10 billion) parameters or ``MAX_BLOCKS`` (1,000) blocks, the
+        bounds that make a hand-edited config fail at once instead of allocating until memory runs out (see
+        ``estimated_parameters`` in the modeling file). Pass it where the config is made, or to
+        ``from_pretrained(..., allow_large_model=True)``. It is never saved, and a config file cannot set it:
+        ``config.json`` is read without it.
+
+    ``id2label`` and ``label2id`` are checked too: ids are the classes 0 .. num_labels - 1, names are strings, and
+    every entry of label2id points at a class of that name, and ``num_labels`` given beside them must count the same
+    classes (transformers' placeholder label2id ``{"LABEL_0": 0, ...}`` beside real names is rebuilt from id2label;
+    a label2id given alone names the classes; ``from_pretrained(..., num_labels=n)`` for a new head drops the saved
+    names of another count, as transformers does).
 
     Every value is checked (``FIELD_RULES``, ``structure_problem``) at construction, in ``from_dict`` and
     ``from_pretrained`` overrides, and on assignment: ``config.mask_ratio = 1.5`` raises ``ValueError``. Fields
@@ -314,9 +404,28 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
     norm_pix_loss: bool = True
     fcmae_impl: str = "sparse"
     fast_paths: bool | list[str] = True
+    allow_large_model: bool = False
 
     def __post_init__(self, **kwargs):
+        problem = labels_problem(self.id2label, None)  # before transformers turns "0" and 0 into one key
+        if problem is not None:
+            raise ValueError(problem)
+        named_by = "id2label"
+        if self.id2label is None and self.label2id is not None:
+            # transformers would replace this label2id with placeholders for 2 classes: name the classes from it
+            self.id2label, named_by = {index: label for label, index in self.label2id.items()}, "label2id"
+        num_labels = kwargs.get("num_labels")
+        if num_labels is not None and self.id2label is not None and num_labels != len(self.id2label):
+            # transformers warns, then replaces the names given with num_labels placeholders
+            raise ValueError(
+                f"num_labels={num_labels!r} does not match the {len(self.id2label)} classes named by {named_by}; give "
+                "one of them, or both for the same classes"
+            )
         super().__post_init__(**kwargs)
+        if _default_label2id(self.label2id) and any(
+            label != f"LABEL_{index}" for index, label in (self.id2label or {}).items()
+        ):
+            self.label2id = {label: index for index, label in self.id2label.items()}
         self._check_values()
 
     def __setattr__(self, key: str, value: Any) -> None:
@@ -347,7 +456,7 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
     def _check_values(self) -> None:
         for name in FIELD_RULES:
             check_field(name, getattr(self, name))
-        problem = structure_problem(lambda field: getattr(self, field))
+        problem = structure_problem(lambda field: getattr(self, field)) or labels_problem(self.id2label, self.label2id)
         if problem is not None:
             raise ValueError(problem)
 
@@ -365,6 +474,10 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
             problem = structure_problem(lambda field: values[field] if field in values else getattr(self, field))
             if problem is not None:
                 raise ValueError(f"update({config_dict!r}): {problem}")
+        if {"id2label", "label2id"} & values.keys():
+            problem = labels_problem(values.get("id2label", self.id2label), values.get("label2id", self.label2id))
+            if problem is not None:
+                raise ValueError(f"update(...): {problem}")
         for name, value in values.items():
             self._store(name, value)
 
@@ -391,6 +504,11 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in field_names}
         if overrides:
             config_dict = {**config_dict, **overrides}
+        saved_labels = config_dict.get("id2label")
+        new_count = kwargs.get("num_labels")
+        if new_count is not None and not {"id2label", "label2id"} & overrides.keys() and saved_labels is not None:
+            if isinstance(saved_labels, dict) and len(saved_labels) != new_count:  # a new head: the saved names go
+                config_dict = {key: value for key, value in config_dict.items() if key not in ("id2label", "label2id")}
         return super().from_dict(config_dict, **kwargs)
 
     @classmethod
@@ -420,7 +538,14 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
             raise ValueError(
                 f"{os.fspath(json_file)} holds a JSON {type(config_dict).__name__}, not an object of config values"
             )
+        config_dict.pop("allow_large_model", None)  # a file cannot lift the bounds on the model it describes
         return config_dict
+
+    def to_dict(self) -> dict[str, Any]:
+        """As transformers' ``to_dict``, without ``allow_large_model``: the opt-in belongs to this session only."""
+        output = super().to_dict()
+        output.pop("allow_large_model", None)
+        return output
 
     @classmethod
     def known_kwargs(cls) -> list[str]:
@@ -465,4 +590,4 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
 
 ConvNextV2Config.register_for_auto_class()
 
-__all__ = ["FAST_PATH_NAMES", "FCMAE_IMPLEMENTATIONS", "PRESETS", "ConvNextV2Config"]
+__all__ = ["FAST_PATH_NAMES", "FCMAE_IMPLEMENTATIONS", "MAX_BLOCKS", "MAX_PARAMETERS", "PRESETS", "ConvNextV2Config"]

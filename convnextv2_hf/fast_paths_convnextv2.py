@@ -2,8 +2,8 @@
 less memory. Nothing here changes what a model computes; tests pin each path to the reference.
 
 One predicate, ``fast_path_allowed``, says whether a named path may run; ``config.fast_paths`` turns them all off
-(``False``), picks the device's defaults (``True``, see ``DEVICE_DEFAULTS``) or names exactly the ones to use. The
-paths, by name (``FAST_PATH_NAMES`` in the configuration):
+(``False``), picks the defaults measured for the device and the compute dtype (``True``, see ``DEVICE_DEFAULTS``)
+or names exactly the ones to use. The paths, by name (``FAST_PATH_NAMES`` in the configuration):
 
 - ``grn_fold``: at inference, GRN's per-sample scale and shift are folded into the next linear's weight and bias,
   so GRN's output, the widest activation of the network, is never written.
@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 from transformers.activations import GELUActivation
 
 from .configuration_convnextv2 import FAST_PATH_NAMES
@@ -35,18 +34,55 @@ if TYPE_CHECKING:  # the modeling file imports this one; no import cycle at run 
 
 GRN_EPS = 1e-6
 
-# Which paths ``fast_paths=True`` runs, per device type. Each choice is the measured one for that device:
-# - cpu: all of them (BENCHMARKS.md, ablation on this project's 2-core EPYC: eager inference 1.6x with all, each
-#   path worth 9-13%; the fused training function saves 37% of a training step's memory at no cost in speed).
-# - cuda and anything else: none until measured on that device. The GRN fold turns one GEMM into a batched matmul
-#   with per-sample weights, which a GPU may run slower than a plain GEMM in bf16; the square-sum norm only beats
-#   torch's reduction on CPU; in-place GELU saves allocations that a caching allocator makes cheap anyway.
+# Which paths ``fast_paths=True`` runs, per (device type, compute dtype); the compute dtype is autocast's where
+# autocast is on for the device, else the activation's (``compute_dtype``). Each choice is the measured one:
+# - cpu fp32: all of them (BENCHMARKS.md, ablation on this project's 2-core EPYC: eager inference 1.6x with all,
+#   each path worth 9-13%; the fused training function saves 37% of a training step's memory at no cost in speed).
+# - cpu bf16 / fp16: a path is kept only where the ablation in that dtype (`benchmark.py --only ablate --dtype bf16`)
+#   does not show it slower than without it (BENCHMARKS.md, "Fast paths per dtype"). bf16, on this project's EPYC
+#   (no AMX, no AVX512-BF16: bf16 emulated; loaded machine, 2 repeats, inference only): in-place GELU (1.31x faster
+#   without it) and the square-sum norm (1.44x faster without) are off, the fold (0.81x without) stays; the training
+#   paths were not timed and stay. fp16: the ablation did not finish in its budget: every path, as before.
+#   Re-measure on a quiet CPU with native bf16.
+# - cuda and anything else: none until measured on that device and dtype. The GRN fold turns one GEMM into a
+#   batched matmul with per-sample weights, which a GPU may run slower than a plain GEMM in bf16; the square-sum norm
+#   only beats torch's reduction on CPU; in-place GELU saves allocations that a caching allocator makes cheap anyway.
 #   `make gpu-check` runs the ablation on a GPU (every path on, then each one taken out) and prints the set its
-#   numbers suggest; set the set here from that table and record it in BENCHMARKS.md ("GPU check").
-DEVICE_DEFAULTS: dict[str, frozenset[str]] = {
-    "cpu": frozenset(FAST_PATH_NAMES),
-    "cuda": frozenset(),
+#   numbers suggest; set the rows here from that table and record it in BENCHMARKS.md ("GPU check").
+# A (device, dtype) not listed (fp64 anywhere, an unknown device) runs none: the reference math.
+DEVICE_DEFAULTS: dict[tuple[str, torch.dtype], frozenset[str]] = {
+    ("cpu", torch.float32): frozenset(FAST_PATH_NAMES),
+    ("cpu", torch.bfloat16): frozenset(FAST_PATH_NAMES) - {"inplace_gelu", "square_sum_norm"},
+    ("cpu", torch.float16): frozenset(FAST_PATH_NAMES),
+    ("cuda", torch.float32): frozenset(),
+    ("cuda", torch.bfloat16): frozenset(),
+    ("cuda", torch.float16): frozenset(),
 }
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype the layers compute in for ``tensor``: autocast's where autocast is on for its device type (the
+    residual stream stays fp32 there, the matmuls and what follows them do not), else the tensor's own."""
+    device_type = tensor.device.type
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...): no autocast there
+        pass
+    return tensor.dtype
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (AMX-BF16 tiles or AVX512-BF16), where bf16 can pay.
+    Elsewhere (this project's AVX2 EPYC, for one) torch emulates bf16, which is slower than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(check()) for check in checks if check is not None)
+
+
+def default_fast_paths(tensor: torch.Tensor) -> frozenset[str]:
+    """The paths ``fast_paths=True`` runs for ``tensor``: ``DEVICE_DEFAULTS`` for its device type and compute dtype."""
+    return DEVICE_DEFAULTS.get((tensor.device.type, compute_dtype(tensor)), frozenset())
 
 
 def fast_path_allowed(name: str, setting: bool | list[str], tensor: torch.Tensor, *layers: nn.Module) -> bool:
@@ -63,9 +99,9 @@ def fast_path_allowed(name: str, setting: bool | list[str], tensor: torch.Tensor
         raise ValueError(f"unknown fast path {name!r}; known: {FAST_PATH_NAMES}")
     if setting is False:
         return False
-    # the choice per device: True runs the set measured for this tensor's device type (none for a device not listed);
-    # a list runs exactly the paths it names, on any device (the tests and the ablation use that)
-    enabled = DEVICE_DEFAULTS.get(tensor.device.type, frozenset()) if setting is True else setting
+    # the choice per device and dtype: True runs the set measured for this tensor's device type and compute dtype
+    # (none for one not listed); a list runs exactly the paths it names, anywhere (the tests and the ablation use that)
+    enabled = default_fast_paths(tensor) if setting is True else setting
     if name not in enabled:
         return False
     if (
@@ -208,6 +244,36 @@ def grn_into_linear(
     return output.view(*hidden_states.shape[:-1], linear.out_features)
 
 
+def _gelu_grn_linear(grn, activated, linear, visible, norm, fold: bool) -> torch.Tensor:
+    if fold:
+        return grn_into_linear(grn, activated, linear, visible, norm)
+    return linear(grn(activated, visible, norm=norm))
+
+
+def autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    """(device type, autocast on, its dtype) now: what a recomputation in the backward must replay."""
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def differentiable_backward(ctx, recompute, inputs: tuple, grad_output: torch.Tensor) -> tuple:
+    """The gradients of ``recompute(*inputs)`` (the forward's own math, under the forward's autocast state) with a
+    graph of their own, for ``autograd.grad(..., create_graph=True)`` (a gradient penalty, a Hessian-vector
+    product). The fast backward of a training path is written out by hand and cannot be differentiated again; this
+    runs instead whenever the engine asks for a differentiable backward (grad mode on inside ``backward``), so
+    gradients of gradients match ``fast_paths=False``. ``inputs`` are the Function's first inputs, in order."""
+    wanted = [i for i, tensor in enumerate(inputs) if ctx.needs_input_grad[i] and tensor is not None]
+    device_type, enabled, dtype = ctx.autocast
+    with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        output = recompute(*inputs)
+    grads = torch.autograd.grad(
+        output, [inputs[i] for i in wanted], grad_output, create_graph=True, allow_unused=True
+    )
+    result: list[torch.Tensor | None] = [None] * len(inputs)
+    for i, grad in zip(wanted, grads, strict=True):
+        result[i] = grad
+    return tuple(result)
+
+
 class GeluGrnLinear(torch.autograd.Function):
     """``linear(grn(gelu(h), visible))`` for training that keeps only ``h`` (and GRN's (N, C) norms) for the
     backward. Autograd through the modules would keep GELU's output too, and GRN's where it is not folded: both are
@@ -216,16 +282,26 @@ class GeluGrnLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, gamma, beta, weight, bias, grn, linear, visible, fold: bool, square_sum: bool):
+        ctx.grn, ctx.linear, ctx.fold, ctx.square_sum = grn, linear, fold, square_sum
+        ctx.autocast = autocast_state(h.device.type)
         activated = F.gelu(h)
         norm = grn_norm(grn, activated, visible, square_sum)
         ctx.save_for_backward(h, norm, gamma, beta, weight, visible)
-        if fold:
-            return grn_into_linear(grn, activated, linear, visible, norm)
-        return linear(grn(activated, visible, norm=norm))
+        return _gelu_grn_linear(grn, activated, linear, visible, norm, fold)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():  # create_graph=True: the backward itself must be differentiable
+            h, _, gamma, beta, weight, visible = ctx.saved_tensors
+
+            def recompute(h, gamma, beta, weight, bias):
+                # the forward's own math through autograd; gamma ... bias are the modules' own parameters
+                activated = F.gelu(h)
+                norm = grn_norm(ctx.grn, activated, visible, ctx.square_sum)
+                return _gelu_grn_linear(ctx.grn, activated, ctx.linear, visible, norm, ctx.fold)
+
+            inputs = (h, gamma, beta, weight, ctx.linear.bias)
+            return differentiable_backward(ctx, recompute, inputs, grad_output) + (None,) * 5
         h, norm, gamma, beta, weight, visible = ctx.saved_tensors
         needs_h, needs_gamma, needs_beta, needs_weight, needs_bias = ctx.needs_input_grad[:5]
         no_grad_for_the_rest = (None,) * 5
@@ -271,6 +347,12 @@ class GeluGrnLinear(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _sparse_depthwise_conv(hidden_states, weight, bias, mask, conv: nn.Conv2d) -> torch.Tensor:
+    output = F.conv2d(mask.to_dense(hidden_states), weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    visible = mask.gather(output.permute(0, 2, 3, 1))
+    return visible if bias is None else visible + bias.to(visible.dtype)
+
+
 class SparseDepthwiseConv(torch.autograd.Function):
     """``mask.gather(conv(mask.to_dense(x)))`` for training, keeping the gathered input (N, V, C) for the backward
     instead of the zero-filled full-resolution map that autograd through conv would keep, and taking the bias
@@ -280,19 +362,22 @@ class SparseDepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_states, weight, bias, mask, conv: nn.Conv2d):
         ctx.mask, ctx.conv = mask, conv
-        output = F.conv2d(
-            mask.to_dense(hidden_states), weight, None, conv.stride, conv.padding, conv.dilation, conv.groups
-        )
-        ctx.compute_dtype = output.dtype  # autocast's choice, replayed in the backward
+        ctx.autocast = autocast_state(hidden_states.device.type)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(hidden_states, weight)
-        visible = mask.gather(output.permute(0, 2, 3, 1))
-        return visible if bias is None else visible + bias.to(visible.dtype)
+        ctx.save_for_backward(hidden_states, weight, bias)
+        visible = _sparse_depthwise_conv(hidden_states, weight, bias, mask, conv)
+        ctx.compute_dtype = visible.dtype  # autocast's choice, replayed in the backward
+        return visible
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
-        hidden_states, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the backward itself must be differentiable
+
+            def recompute(hidden_states, weight, bias):
+                return _sparse_depthwise_conv(hidden_states, weight, bias, ctx.mask, ctx.conv)
+
+            return differentiable_backward(ctx, recompute, ctx.saved_tensors, grad) + (None, None)
+        hidden_states, weight, _ = ctx.saved_tensors
         mask, conv, dtype = ctx.mask, ctx.conv, ctx.compute_dtype
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_input, grad_weight = torch.ops.aten.convolution_backward(
@@ -326,4 +411,13 @@ def sparse_depthwise_conv(mask, conv: nn.Conv2d, hidden_states: torch.Tensor, se
     return None
 
 
-__all__ = ["DEVICE_DEFAULTS", "fast_path_allowed", "gelu_grn_linear", "sparse_depthwise_conv", "square_sum_norm"]
+__all__ = [
+    "DEVICE_DEFAULTS",
+    "compute_dtype",
+    "default_fast_paths",
+    "fast_path_allowed",
+    "gelu_grn_linear",
+    "native_bf16_cpu",
+    "sparse_depthwise_conv",
+    "square_sum_norm",
+]

@@ -8,20 +8,21 @@ crop one pixel off the official one when the margin is odd. Ours subclass them, 
 placement.
 
 Input images, checked one by one before processing (``prepare_images``); a bad one raises ``ValueError``
-"image I of N: ..." naming its index:
+"image I of N: ..." naming its index. Every image goes through the package's one image rule
+(``image_loading.decode_image``; the rule for each property is in that module's docstring): PIL images of any
+mode, local file paths (``str`` or ``os.PathLike``) and encoded image files as ``bytes`` become 8-bit RGB with
+EXIF orientation applied, alpha composited on white, 16-bit and float grey scaled to 8 bits (PIL itself clips
+those, turning a 16-bit photo white); decoding is bounded (``image_loading.max_image_pixels``) and complete, so a
+truncated file fails with its index instead of deep inside the resize. Arrays and tensors, (H, W), (H, W, C) or
+(C, H, W) with C in {1, 3, 4}, are read by dtype: uint8 as 0..255, uint16 as 16-bit, bool as 0/255, other
+integers within 0..255, floating point as given (finite values only), integer RGBA composited on white.
+Floating-point images whose values all lie in [0, 1] get a ``UserWarning`` when ``do_rescale`` is on, since
+dividing by 255 again would leave them nearly black.
 
-- PIL images of any mode. 16-bit modes (``I;16``, ``I;16L``, ``I;16B``, ``I;16N`` and ``I``, which older
-  Pillow gave 16-bit PNGs) are read as 0..65535 and brought to 8 bits (value * 255 / 65535, rounded); float
-  ``F`` images are read as [0, 1] when every value is <= 1, else as 0..255. PIL itself would clip both to
-  0..255 on conversion to RGB, turning a 16-bit photo white and a [0, 1] float image black. Values these
-  rules cannot read (``I`` beyond 0..65535, ``F`` negative, above 255 or not finite) raise.
-- Arrays and tensors, (H, W), (H, W, C) or (C, H, W) with C in {1, 3, 4}: uint8 as 0..255; uint16 as 16-bit,
-  like the PIL modes above; bool as 0/255 (as PIL's mode "1"); other integer types when within 0..255;
-  floating point as given (finite values only). Floating-point images whose values all lie in [0, 1] get a
-  ``UserWarning`` when ``do_rescale`` is on, since dividing by 255 again would leave them nearly black.
-- Local file paths (``str`` or ``os.PathLike``) and encoded image files as ``bytes``, opened with PIL. PIL
-  opens files lazily; each image is decoded here, so a truncated file fails with its index instead of deep
-  inside the resize. A grey (H, W) array or tensor is read as one channel.
+The pipelines (``pipeline("image-classification")``, ``pipeline("image-feature-extraction")``) hand paths and PIL
+images to these processors untouched (``reads_image_sources``, see ``convnextv2_hf.pipelines``), so they see the
+same pixels as a direct call; transformers' own loader, which the stock pipelines run first, clips 16-bit images
+and drops alpha.
 
 Saved processors load with stock transformers alone: for the ``convnextv2`` model type it falls back to its
 built-in ConvNeXt processor with our saved values (mean, std, size, crop_pct, bicubic), which gives the same
@@ -33,14 +34,11 @@ the backend that saved the folder (see ``register_saved_pil_type``).
 
 from __future__ import annotations
 
-import io
 import numbers
-import os
 import warnings
 from collections.abc import Sequence
 
 import numpy as np
-import PIL.Image
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from torchvision.transforms import InterpolationMode
@@ -57,6 +55,9 @@ from transformers.models.auto import image_processing_auto
 from transformers.models.convnext.image_processing_convnext import ConvNextImageProcessor
 from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
 
+from .image_loading import decode_image, eight_bit_from_float
+from .pipelines import register_pipelines
+
 EVAL_CROP_PCT = 0.875
 NUM_CHANNELS = 3  # the processors always give RGB (do_convert_rgb), so mean and std have three values
 
@@ -64,7 +65,6 @@ NUM_CHANNELS = 3  # the processors always give RGB (do_convert_rgb), so mean and
 # writes the name itself: its PIL processors save the torchvision name), and `register_saved_pil_type` lets it
 # lead to our PIL backend when this package is imported.
 SAVED_PIL_TYPE = "ConvNextImageProcessorPil"
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _SIZE_KEYS = ("shortest_edge", "longest_edge", "height", "width", "max_height", "max_width")
 
 
@@ -154,108 +154,10 @@ def _batch_as_list(images) -> list:
     return [images]
 
 
-def _eight_bit_from_sixteen(values):
-    """0..65535 -> 0..255 uint8, rounded; exact for values v * 257 (the 16-bit copy of an 8-bit v)."""
-    if isinstance(values, torch.Tensor):
-        return (values.to(torch.float32) * (255 / 65535)).round().to(torch.uint8)
-    return np.round(values.astype(np.float32) * (255 / 65535)).astype(np.uint8)
-
-
-def _from_wide_pil_mode(image: PIL.Image.Image) -> PIL.Image.Image:
-    """A 16-bit or float PIL image as the 8-bit grey ("L") image it shows (rules in the module docstring)."""
-    values = np.asarray(image)
-    if image.mode == "F":
-        if not np.isfinite(values).all():
-            raise ValueError("mode 'F' image holds NaN or infinite values")
-        low, high = float(values.min()), float(values.max())
-        if low < 0 or high > 255:
-            raise ValueError(f"mode 'F' values must lie in [0, 1] or 0..255, got {low:g}..{high:g}")
-        scale = 255.0 if high <= 1 else 1.0
-        return PIL.Image.fromarray(np.round(values.astype(np.float32) * scale).astype(np.uint8))
-    low, high = int(values.min()), int(values.max())
-    if low < 0 or high > 65535:
-        raise ValueError(f"mode {image.mode!r} is read as 16-bit (0..65535), got values {low}..{high}")
-    return PIL.Image.fromarray(_eight_bit_from_sixteen(values))
-
-
-def _open_path(path) -> PIL.Image.Image:
-    if not os.path.isfile(path):
-        raise ValueError(f"no such image file: {os.fspath(path)!r}")
-    try:
-        return PIL.Image.open(path)
-    except Exception as error:  # PIL raises several types for files it cannot identify
-        raise ValueError(f"cannot open {os.fspath(path)!r} as an image ({type(error).__name__}: {error})") from None
-
-
-def _open_bytes(data: bytes) -> PIL.Image.Image:
-    try:
-        return PIL.Image.open(io.BytesIO(data))
-    except Exception as error:  # PIL raises several types for data it cannot identify
-        raise ValueError(f"cannot read {len(data)} bytes as an image file ({type(error).__name__}: {error})") from None
-
-
-def _prepare_pil(image: PIL.Image.Image) -> PIL.Image.Image:
-    try:
-        image.load()  # PIL decodes lazily: a truncated or corrupt file fails here, not inside the resize
-    except Exception as error:  # OSError, SyntaxError, struct.error, zlib.error, ... depending on the format
-        raise ValueError(f"cannot decode the image data ({type(error).__name__}: {error})") from None
-    if 0 in image.size:
-        raise ValueError(f"has no pixels (size {image.size})")
-    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
-        return _from_wide_pil_mode(image)
-    return image
-
-
-def _pixel_kind(image) -> str:
-    """The pixel type: "bool", "uint8", "uint16", "int" (other integers), "float" or "other" (complex, ...)."""
+def _is_float_array(image) -> bool:
     if isinstance(image, torch.Tensor):
-        named = {torch.bool: "bool", torch.uint8: "uint8", torch.uint16: "uint16"}
-        if image.dtype in named:
-            return named[image.dtype]
-        return "float" if image.is_floating_point() else "other" if image.is_complex() else "int"
-    dtype = image.dtype
-    if dtype.kind == "b":
-        return "bool"
-    if dtype.kind == "u" and dtype.itemsize <= 2:
-        return "uint8" if dtype.itemsize == 1 else "uint16"
-    return {"u": "int", "i": "int", "f": "float"}.get(dtype.kind, "other")
-
-
-def _prepare_array(image):
-    """Checks and dtype rules for an array or tensor (module docstring); returns it with a dtype the backends
-    read right (uint8 or floating point)."""
-    is_tensor = isinstance(image, torch.Tensor)
-    if is_tensor:
-        image = image.detach()
-    shape = tuple(image.shape)
-    if image.ndim not in (2, 3):
-        raise ValueError(f"{type(image).__name__} of shape {shape} is not an image: (H, W), (H, W, C) or (C, H, W)")
-    if 0 in shape:
-        raise ValueError(f"has no pixels (shape {shape})")
-    if image.ndim == 3 and shape[0] not in (1, 3, 4) and shape[-1] not in (1, 3, 4):
-        raise ValueError(f"shape {shape} has no channel axis of 1, 3 or 4 first or last")
-    if image.ndim == 2:  # a grey (H, W) image: transformers reads only arrays with a channel axis
-        image = image[None]
-    kind = _pixel_kind(image)
-    if kind == "bool":
-        return image.to(torch.uint8) * 255 if is_tensor else image.astype(np.uint8) * 255
-    if kind == "uint8":
-        return image
-    if kind == "uint16":
-        return _eight_bit_from_sixteen(image)
-    if kind == "int":
-        low, high = int(image.min()), int(image.max())
-        if low < 0 or high > 255:
-            raise ValueError(
-                f"{image.dtype} pixel values must lie in 0..255 (uint16 is read as 16-bit), got {low}..{high}"
-            )
-        return image.to(torch.uint8) if is_tensor else image.astype(np.uint8)
-    if kind != "float":
-        raise ValueError(f"pixels of dtype {image.dtype} are not an image (integers, bool or floating point)")
-    finite = torch.isfinite(image).all() if is_tensor else np.isfinite(image).all()
-    if not finite:
-        raise ValueError("holds NaN or infinite values")
-    return image
+        return image.is_floating_point()
+    return isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating)
 
 
 def _looks_rescaled(image) -> bool:
@@ -266,8 +168,10 @@ def _looks_rescaled(image) -> bool:
     return False
 
 
-def prepare_images(images, do_rescale: bool = True) -> list:
-    """The images as a list the backends read correctly (rules in the module docstring).
+def prepare_images(images, do_rescale: bool = True, eight_bit_floats: bool = False) -> list:
+    """The images as a list the backends read correctly (rules in the module docstring). ``eight_bit_floats``:
+    floating-point arrays with values above 1 are rounded to uint8 (the PIL backend resizes 8-bit images, and
+    transformers would refuse float values above 1 there).
 
     Raises ``ValueError`` for an empty batch, and "image I of N: ..." for the first image that is not one.
     Warns (``UserWarning``) when ``do_rescale`` is on and floating-point images already lie in [0, 1].
@@ -277,22 +181,14 @@ def prepare_images(images, do_rescale: bool = True) -> list:
         raise ValueError("the batch of images is empty")
     prepared, already_rescaled = [], []
     for index, image in enumerate(batch):
-        where = f"image {index} of {len(batch)}"
         try:
-            if isinstance(image, (str, os.PathLike)):
-                image = _open_path(image)
-            elif isinstance(image, (bytes, bytearray)):
-                image = _open_bytes(bytes(image))
-            if isinstance(image, PIL.Image.Image):
-                image = _prepare_pil(image)
-            elif isinstance(image, (np.ndarray, torch.Tensor)):
-                image = _prepare_array(image)
-            else:
-                kind = "None" if image is None else f"{type(image).__name__} {image!r}"[:200]
-                raise ValueError(f"is not an image (PIL image, array, tensor, file path or bytes), got {kind}")
+            image = decode_image(image)
+            looks_rescaled = _looks_rescaled(image)
+            if eight_bit_floats and _is_float_array(image) and not looks_rescaled:
+                image = eight_bit_from_float(image)
         except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
-        if do_rescale and _looks_rescaled(image):
+            raise ValueError(f"image {index} of {len(batch)}: {error}") from None
+        if do_rescale and looks_rescaled:
             already_rescaled.append(index)
         prepared.append(image)
     if already_rescaled:
@@ -320,6 +216,9 @@ class _OfficialEvalDefaults:
     do_convert_rgb = True
     default_to_square = False
     _saved_type: str | None = None  # image_processor_type in preprocessor_config.json, see to_dict
+    # paths and PIL images are read here by the package's rule: the pipelines pass them on untouched, without
+    # transformers' load_image (convnextv2_hf.pipelines)
+    reads_image_sources = True
 
     def __init__(self, **kwargs):
         # Checked here, so bad values fail when the processor is built, also through from_dict / from_pretrained
@@ -347,7 +246,11 @@ class _OfficialEvalDefaults:
         self._check_call_settings(kwargs)  # before transformers' type checks, which would name only the type
         do_rescale = kwargs.get("do_rescale")
         do_rescale = self.do_rescale if do_rescale is None else do_rescale
-        images = prepare_images(images, do_rescale=do_rescale)
+        do_resize = kwargs.get("do_resize")
+        do_resize = self.do_resize if do_resize is None else do_resize
+        # PIL resizes 8-bit images: float arrays given for do_rescale (0..255) are rounded as mode F images are
+        eight_bit_floats = self.backend == "pil" and do_rescale and do_resize
+        images = prepare_images(images, do_rescale=do_rescale, eight_bit_floats=eight_bit_floats)
         try:
             return super().preprocess(images, *args, **kwargs)
         except StrictDataclassError as error:  # a call argument of the wrong type (do_rescale="yes", ...)
@@ -430,6 +333,9 @@ def register_saved_pil_type() -> None:
 
 
 register_saved_pil_type()
+# the pipelines hand raw images to processors that read image sources (ours): registered wherever the processors
+# are imported, so `pipeline(...)` and a direct processor call never see different pixels
+register_pipelines()
 
 
 def processor_for_resolution(resolution: int, backend: str = "torchvision"):

@@ -13,7 +13,9 @@ path the residual stream of each stage is the visible positions gathered per sam
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -36,7 +38,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_convnextv2 import ConvNextV2Config, check_local_path
+from .configuration_convnextv2 import MAX_BLOCKS, MAX_PARAMETERS, ConvNextV2Config, check_local_path
 from .fast_paths_convnextv2 import gelu_grn_linear, is_bare, sparse_depthwise_conv
 
 GRN_EPS = 1e-6
@@ -74,17 +76,213 @@ def check_pixel_values(pixel_values: torch.Tensor, config: ConvNextV2Config, mul
         )
 
 
+def _open_safetensors(path: Path):
+    """``safe_open`` on ``path`` (headers only); ``ValueError`` naming the file when it is unreadable or cut short."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as error:  # SafetensorError ("incomplete metadata", "invalid header length"), OSError
+        raise ValueError(f"{path} is not a complete safetensors file: {error} (is it truncated?)") from error
+
+
 def check_safetensors_files(folder: str | os.PathLike) -> None:
     """``ValueError`` naming the first ``*.safetensors`` file in ``folder`` that is unreadable or cut short (its
     header must describe exactly the bytes present). Reads headers only."""
-    from safetensors import safe_open
-
     for path in sorted(Path(folder).glob("*.safetensors")):
+        with _open_safetensors(path):
+            pass
+
+
+# ---- what from_pretrained reads from a local folder, checked before transformers reads it ------------------------
+
+# Stored dtypes that load as model weights: transformers casts each to the dtype the model is built in (float32 by
+# default, ``dtype=`` or the checkpoint's own with ``dtype="auto"``). An integer or bool tensor would be cast too,
+# into meaningless weights, and float8 needs a quantization config this model does not have.
+WEIGHT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
+BIN_WEIGHTS_NAME, BIN_WEIGHTS_INDEX_NAME = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+
+def _with_variant(name: str, variant: str | None) -> str:
+    """``model.safetensors`` -> ``model.fp16.safetensors``: the variant goes before the last suffix, as in
+    transformers (``model.safetensors.index.fp16.json`` for an index)."""
+    if not variant:
+        return name
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
+
+
+def _wrong_dtype_error(where, name: str, dtype) -> ValueError:
+    return ValueError(
+        f"{where} stores the tensor {name!r} as {dtype}; model weights must be floating point "
+        f"({', '.join(WEIGHT_DTYPES)}, cast to the model's dtype on loading): an integer, bool or float8 tensor would "
+        "load as meaningless weights"
+    )
+
+
+def check_weight_dtypes(path: str | os.PathLike) -> None:
+    """``ValueError`` naming the file and the tensor unless every tensor of the weights file ``path`` is stored in
+    one of ``WEIGHT_DTYPES``. Reads the safetensors header (a ``.bin`` file is mapped onto the meta device), never
+    the tensor data."""
+    path = Path(path)
+    if path.name.endswith(".safetensors"):
+        with _open_safetensors(path) as file:
+            for name in file.keys():
+                dtype = file.get_slice(name).get_dtype()
+                if dtype not in WEIGHT_DTYPES:
+                    raise _wrong_dtype_error(path, name, dtype)
+        return
+    try:
         try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except Exception as error:  # SafetensorError ("incomplete metadata", "invalid header length"), OSError
-            raise ValueError(f"{path} is not a complete safetensors file: {error} (is it truncated?)") from error
+            state = torch.load(str(path), map_location="meta", weights_only=True, mmap=True)
+        except RuntimeError:  # mmap needs the zip format of torch >= 1.6; older files load without it
+            state = torch.load(str(path), map_location="meta", weights_only=True)
+    except Exception as error:  # pickle, zip and unpickler errors all mean the file cannot be read as weights
+        raise ValueError(f"{path} is not a readable PyTorch weights file: {error}") from error
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of named tensors")
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.dtype not in WEIGHT_DTYPES.values():
+            raise _wrong_dtype_error(path, name, tensor.dtype)
+
+
+def _inside(folder: Path, path: Path) -> bool:
+    """Whether ``path`` (symbolic links followed) lies in ``folder``. A Hub cache snapshot's files are links into
+    the repository's ``blobs`` folder, which counts as inside."""
+    folder, target = folder.resolve(), path.resolve()
+    if target.is_relative_to(folder):
+        return True
+    return folder.parent.name == "snapshots" and target.is_relative_to(folder.parent.parent / "blobs")
+
+
+def check_shard_index(index_file: str | os.PathLike) -> list[Path]:
+    """The shard files a checkpoint index (``model.safetensors.index.json``) names, each checked to be a file inside
+    the index's folder before any is read; ``ValueError`` naming the index and the entry otherwise, or when the
+    index is not JSON, has no ``weight_map`` object of tensor name -> file name, or no ``metadata`` object."""
+    index_file = Path(index_file)
+    folder = index_file.parent
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{index_file} is not a valid JSON file: {error}") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_file} holds a JSON {type(index).__name__}, not a checkpoint index object")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(
+            f"{index_file} is not a checkpoint index: it needs a non-empty 'weight_map' object from tensor names to "
+            f"shard file names, got {type(weight_map).__name__ if weight_map is not None else 'none'}"
+        )
+    if not isinstance(index.get("metadata"), dict):
+        raise ValueError(
+            f"{index_file} is not a checkpoint index: it needs a 'metadata' object (save_pretrained writes one)"
+        )
+    wrong = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+    if wrong is not None:
+        raise ValueError(f"{index_file}: weight_map[{wrong[0]!r}] must be a shard file name, got {wrong[1]!r}")
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        path = folder / name
+        if os.path.isabs(name) or not _inside(folder, path):
+            raise ValueError(
+                f"{index_file} names the shard {name!r}, which is outside {folder}: an index may name only files "
+                "inside its own folder"
+            )
+        if not path.is_file():
+            raise ValueError(f"{index_file} names the shard {name!r}, which is not a file in {folder}")
+        shards.append(path)
+    return shards
+
+
+def check_checkpoint_folder(
+    folder: str | os.PathLike,
+    variant: str | None = None,
+    use_safetensors: bool | None = None,
+    weights_name: str | None = None,
+) -> list[Path]:
+    """Check the weights ``from_pretrained`` would read from the local ``folder`` (the same choice as transformers:
+    ``weights_name`` from the config's ``transformers_weights``, else ``model.safetensors``, its index, then
+    ``pytorch_model.bin`` and its index unless ``use_safetensors``) and return those files: a shard index may name
+    only files inside the folder (``check_shard_index``, before any shard is opened), every ``*.safetensors`` file
+    must be complete, and every tensor stored in a ``WEIGHT_DTYPES`` dtype. ``ValueError`` naming the file
+    otherwise. A folder with no weights file is left to transformers (its error lists the names it looked for)."""
+    folder = Path(folder)
+    if weights_name:  # transformers then reads this file and no other
+        names = [weights_name]
+    else:
+        names = [SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME] if use_safetensors is not False else []
+        names += [BIN_WEIGHTS_NAME, BIN_WEIGHTS_INDEX_NAME] if not use_safetensors else []
+        names = [_with_variant(name, variant) for name in names]
+    chosen = next((folder / name for name in names if (folder / name).is_file()), None)
+    if chosen is None:
+        files = []
+    else:
+        files = check_shard_index(chosen) if chosen.name.endswith(".index.json") else [chosen]
+    check_safetensors_files(folder)
+    for path in files:
+        check_weight_dtypes(path)
+    return files
+
+
+def check_state_dict_dtypes(state_dict: Mapping[str, torch.Tensor], what: str = "state_dict") -> None:
+    """The ``WEIGHT_DTYPES`` rule for weights given as a state dict (``from_pretrained(None, state_dict=...)``)."""
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.dtype not in WEIGHT_DTYPES.values():
+            raise _wrong_dtype_error(what, name, tensor.dtype)
+
+
+def _explicit_weights_name(folder: Path, config) -> str | None:
+    """The weights file a config names in ``transformers_weights`` (transformers then loads that file only), from
+    ``config`` when given, else from ``folder``'s config.json; ``ValueError`` when it points outside the folder."""
+    if config is None:
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # no or broken config.json: loading the config names the problem
+            return None
+    values = config if isinstance(config, dict) else getattr(config, "__dict__", {})
+    name = values.get("transformers_weights") if isinstance(values, dict) else None
+    if not isinstance(name, str) or not name:
+        return None
+    if os.path.isabs(name) or not _inside(folder, folder / name):
+        raise ValueError(f"transformers_weights={name!r} in the config names a file outside {folder}")
+    return name
+
+
+class NonFiniteWeightsError(ValueError):
+    """Weights holding NaN or inf: ``check_finite_weights`` raises it, and no code path of this package saves them."""
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], what: str) -> None:
+    """``NonFiniteWeightsError`` unless every floating-point tensor of ``state`` is finite. The message names
+    ``what`` (e.g. "the weights to save to out/"), the first tensor (in ``state``'s order) holding NaN or inf with
+    its count of such values, and how many tensors hold any.
+
+    One pass over the data and no copy of it: each tensor is reduced on its own device (the only temporary is its
+    bool ``isfinite`` map), and the answers are read back with one sync per device. Integer, bool and meta tensors
+    (no data) are skipped; non-tensor entries too."""
+    names, flags = [], []
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.is_meta:
+            continue
+        if tensor.is_floating_point() or tensor.is_complex():
+            names.append(name)
+            flags.append(torch.isfinite(tensor.detach()).all())
+    finite: dict[int, bool] = {}
+    by_device: dict[torch.device, list[int]] = {}
+    for index, flag in enumerate(flags):
+        by_device.setdefault(flag.device, []).append(index)
+    for indices in by_device.values():  # one host sync per device, not one per tensor
+        finite.update(zip(indices, torch.stack([flags[i] for i in indices]).tolist(), strict=True))
+    bad = [names[index] for index in range(len(names)) if not finite[index]]
+    if bad:
+        first = state[bad[0]].detach()
+        count = int(torch.isfinite(first).logical_not_().sum())
+        raise NonFiniteWeightsError(
+            f"{what}: {len(bad)} of {len(names)} floating-point tensors hold NaN or inf, the first {bad[0]!r} "
+            f"({count} of {first.numel()} values)"
+        )
 
 
 class ConvNextV2GRN(nn.Module):
@@ -313,6 +511,16 @@ def draw_mask(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     if not isinstance(noise, torch.Tensor) or noise.ndim != 2:
         shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
         raise ValueError(f"noise must be a tensor (N, L): one value per patch of each sample, got {shape}")
+    if noise.is_complex() or noise.dtype == torch.bool:
+        raise ValueError(f"noise must hold real numbers (one per patch, smallest kept), got dtype {noise.dtype}")
+    # NaN would sort last (removed) and infs tie: a mask nobody asked for. Reading the values is a host sync, and
+    # impossible inside a graph being traced or compiled: there the check steps aside.
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    if not tracing and not bool(torch.isfinite(noise).all()):
+        bad = int(torch.isfinite(noise).logical_not_().sum())
+        raise ValueError(
+            f"noise holds {bad} NaN or infinite values of {noise.numel()}; every patch needs a finite value"
+        )
     num_kept = num_kept_patches(noise.shape[1], mask_ratio)
     rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)
     return rank >= num_kept
@@ -485,6 +693,73 @@ AUTO_MAP = {
 }
 
 
+# ---- the size of the model a config builds, known before anything is allocated ----------------------------------
+
+ARCHITECTURES = (
+    "ConvNextV2Encoder",
+    "ConvNextV2Model",
+    "ConvNextV2ForImageClassification",
+    "ConvNextV2Backbone",
+    "ConvNextV2ForMaskedImageModeling",
+)
+
+
+def _block_parameters(dim: int) -> int:
+    """One ``ConvNextV2Layer`` of width ``dim``."""
+    dwconv, layernorm, grn = 49 * dim + dim, 2 * dim, 8 * dim
+    pwconv1, pwconv2 = 4 * dim * dim + 4 * dim, 4 * dim * dim + dim
+    return dwconv + layernorm + pwconv1 + grn + pwconv2
+
+
+def estimated_parameters(config: ConvNextV2Config, architecture: str = "ConvNextV2ForImageClassification") -> int:
+    """The parameter count of ``architecture`` (one of ``ARCHITECTURES``) built from ``config``, computed from the
+    config's numbers alone: nothing is allocated, so it is instant for any config. Exact (the tests compare it with
+    the built models of every preset); bytes are this times the element size of the dtype."""
+    widths, depths = list(config.hidden_sizes), list(config.depths)
+    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    encoder = sum(depth * _block_parameters(width) for depth, width in zip(depths, widths, strict=True))
+    # every stage after the first starts with a LayerNorm and a 2x2 stride-2 conv
+    downsampling = zip(widths[:-1], widths[1:], strict=True)
+    encoder += sum(2 * before + 4 * before * after + after for before, after in downsampling)
+    stem = widths[0] * config.num_channels * patch * patch + widths[0] + 2 * widths[0]  # conv + LayerNorm
+    model = stem + encoder + 2 * widths[-1]  # + the final LayerNorm
+    if architecture == "ConvNextV2Encoder":
+        return encoder
+    if architecture == "ConvNextV2Model":
+        return model
+    if architecture == "ConvNextV2ForImageClassification":
+        labels = config.num_labels or 0
+        return model + (widths[-1] * labels + labels if labels > 0 else 0)
+    if architecture == "ConvNextV2Backbone":  # no final LayerNorm; one LayerNorm per output map
+        channels = dict(zip(config.stage_names, [widths[0], *widths], strict=True))
+        return stem + encoder + sum(2 * channels[name] for name in config.out_features)
+    if architecture == "ConvNextV2ForMaskedImageModeling":
+        width, pixels = config.decoder_hidden_size, config.total_stride**2 * config.num_channels
+        embed, mask_token, predict = widths[-1] * width + width, width, width * pixels + pixels
+        return model + embed + mask_token + config.decoder_depth * _block_parameters(width) + predict
+    raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+
+
+def check_model_size(config: ConvNextV2Config, architecture: str) -> None:
+    """``ValueError`` giving the estimate when ``architecture`` built from ``config`` would exceed ``MAX_PARAMETERS``
+    parameters or ``MAX_BLOCKS`` blocks (see the configuration file), unless ``config.allow_large_model``. Every
+    model class calls it before it allocates anything."""
+    if getattr(config, "allow_large_model", False):
+        return
+    parameters = estimated_parameters(config, architecture)
+    blocks = sum(config.depths) + (config.decoder_depth if architecture == "ConvNextV2ForMaskedImageModeling" else 0)
+    if parameters <= MAX_PARAMETERS and blocks <= MAX_BLOCKS:
+        return
+    dtype = torch.get_default_dtype()  # what the weights are built in (from_pretrained sets it from its dtype=)
+    raise ValueError(
+        f"this config (depths={list(config.depths)}, hidden_sizes={list(config.hidden_sizes)}) builds a "
+        f"{architecture} of {parameters:,} parameters ({parameters * dtype.itemsize / 1e9:,.1f} GB in "
+        f"{str(dtype).removeprefix('torch.')}) and {blocks:,} blocks, beyond the bounds of {MAX_PARAMETERS:,} "
+        f"parameters and {MAX_BLOCKS:,} blocks (MAX_PARAMETERS, MAX_BLOCKS); was the config edited by hand? If this "
+        "size is intended, pass allow_large_model=True (to the config, or to from_pretrained)"
+    )
+
+
 class ConvNextV2PreTrainedModel(PreTrainedModel):
     config_class = ConvNextV2Config
     config: ConvNextV2Config
@@ -498,6 +773,9 @@ class ConvNextV2PreTrainedModel(PreTrainedModel):
         # configs from stock transformers (AutoConfig without this package, `from_config`) gain our fields
         if not isinstance(config, ConvNextV2Config):
             config = ConvNextV2Config.from_dict(config.to_dict())
+        architecture = next((base.__name__ for base in type(self).__mro__ if base.__name__ in ARCHITECTURES), None)
+        if architecture is not None:  # before any layer exists: a hand-edited config fails here, not in malloc
+            check_model_size(config, architecture)
         super().__init__(config, *inputs, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -518,20 +796,35 @@ class ConvNextV2PreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """As transformers' ``from_pretrained``; a local folder's safetensors files are checked first, so a truncated
-        or corrupt weights file is a ``ValueError`` naming it (transformers' own error names no file)."""
+        """As transformers' ``from_pretrained``, with the weights of a local folder checked before transformers
+        reads them (``check_checkpoint_folder``): a truncated or corrupt file, a shard index naming files outside
+        the folder or a broken index, and tensors stored as integers or bool are a ``ValueError`` naming the file
+        (and the tensor). Float tensors load and are cast as transformers casts them. Weights given as
+        ``state_dict=`` are held to the same dtypes. The config's model size is checked before the model is built
+        (``check_model_size``; ``allow_large_model=True`` lifts the bound)."""
         check_local_path(pretrained_model_name_or_path)
-        folder = Path(str(pretrained_model_name_or_path)).expanduser()
-        if pretrained_model_name_or_path is not None and folder.is_dir():
-            check_safetensors_files(folder)
+        if pretrained_model_name_or_path is not None:
+            folder = Path(str(pretrained_model_name_or_path)).expanduser() / kwargs.get("subfolder", "")
+            if folder.is_dir():
+                weights_name = _explicit_weights_name(folder, kwargs.get("config"))
+                check_checkpoint_folder(folder, kwargs.get("variant"), kwargs.get("use_safetensors"), weights_name)
+        if kwargs.get("state_dict") is not None:
+            check_state_dict_dtypes(kwargs["state_dict"])
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, is_main_process: bool = True, state_dict=None, *args, **kwargs):
         """Save as usual; config.json also gets an ``auto_map`` for every class here, and the configuration, modeling
         and fast-path files are copied beside the weights, so ``trust_remote_code=True`` works without this
-        package."""
+        package.
+
+        Weights holding NaN or inf (``state_dict=`` when given, as the Trainer passes it, else the model's own) are
+        refused with ``NonFiniteWeightsError`` naming the first such tensor, before anything is written."""
+        check_finite_weights(
+            self.state_dict() if state_dict is None else state_dict,
+            f"the {type(self).__name__} weights to save to {os.fspath(save_directory)} (nothing was written)",
+        )
         self.config.auto_map = dict(AUTO_MAP)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        return super().save_pretrained(save_directory, is_main_process, state_dict, *args, **kwargs)
 
 
 class ConvNextV2Encoder(ConvNextV2PreTrainedModel):
@@ -961,8 +1254,8 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         """
         pixel_values: (N, C, H, W), H and W multiples of ``mask_patch_size``.
         bool_masked_pos: optional (N, L) bool (or 0/1), True = removed, L = (H / mask_patch_size) * (W /
-            mask_patch_size). Without it a random mask is drawn (reproducible through ``noise``, (N, L), smallest
-            kept).
+            mask_patch_size). Without it a random mask is drawn (reproducible through ``noise``, (N, L) finite
+            values, smallest kept). Giving both is a ``ValueError``.
         return_loss: always computed; the argument tells the Trainer that evaluation gets an ``eval_loss``.
         labels: optional (N, L), ``FCMAECollator``'s mask: -100 at kept patches, anything else at removed ones; it
             must match the mask used. It tells that ``num_items_in_batch`` counts removed patches.
@@ -981,6 +1274,11 @@ class ConvNextV2ForMaskedImageModeling(ConvNextV2PreTrainedModel):
         grid = (height // config.mask_patch_size, width // config.mask_patch_size)
         num_patches = grid[0] * grid[1]
         num_kept = None  # known without looking at the mask only when we draw it
+        if bool_masked_pos is not None and noise is not None:
+            raise ValueError(
+                "pass bool_masked_pos or noise, not both: bool_masked_pos is the mask itself and noise only draws one, "
+                "so one of them would be silently ignored"
+            )
         if bool_masked_pos is None:
             bool_masked_pos = self.random_masking(batch, num_patches, noise, pixel_values.device)
             num_kept = self.num_kept_patches(num_patches)
@@ -1029,7 +1327,14 @@ __all__ = [
     "ConvNextV2MaskedImageModelingOutput",
     "ConvNextV2Model",
     "ConvNextV2PreTrainedModel",
+    "NonFiniteWeightsError",
     "StageMask",
+    "check_checkpoint_folder",
+    "check_finite_weights",
+    "check_model_size",
+    "check_shard_index",
+    "check_weight_dtypes",
     "draw_mask",
+    "estimated_parameters",
     "num_kept_patches",
 ]

@@ -22,6 +22,7 @@ Sizes without a recipe in TRAINING.md (femto, pico, nano, large, huge) are in th
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -72,16 +73,109 @@ def scaled_learning_rate(base_learning_rate: float, total_batch: int) -> float:
     return base_learning_rate * total_batch / REFERENCE_BATCH
 
 
+def check_range(
+    name: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """``ValueError`` naming ``name`` unless ``value`` is a finite number in the interval from ``low`` to ``high``
+    (``None``: unbounded on that side; ``*_open``: the bound itself excluded). NaN and inf are refused whatever the
+    bounds: ``float()`` parses "nan" and "inf", and every comparison with NaN is False, so an unchecked NaN passes
+    any ``if x < 0`` test and only shows once training has produced NaN weights."""
+    if low is not None and high is not None:
+        rule = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        rule = f"{'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        rule = f"{'<' if high_open else '<='} {high:g}"
+    else:
+        rule = "a finite number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(
+            f"{name} must be a finite number{'' if rule == 'a finite number' else ' ' + rule}, got {value}"
+        )
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        raise ValueError(f"{name} must be {rule}, got {value}")
+
+
+def check_finite_arguments(*groups) -> None:
+    """``ValueError`` naming the first float field of the argument dataclasses ``groups`` that holds NaN or inf:
+    the catch-all under the range checks, for every float flag a script has."""
+    for group in groups:
+        for item in dataclasses.fields(group):
+            value = getattr(group, item.name, None)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{item.name} must be a finite number, got {value}")
+
+
 def check_training_values(args: TrainingArguments) -> None:
-    """``ValueError`` naming the flag for stock ``TrainingArguments`` values no run can use, checked when the
-    arguments are parsed: the Trainer would take a negative learning rate silently (gradient ascent) and meet a
-    batch size of 0 only in its DataLoader, after creating the output folder."""
-    if args.learning_rate is not None and not args.learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0, got {args.learning_rate}")
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        value = getattr(args, name)
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    """``ValueError`` naming the flag for the stock ``TrainingArguments`` values this package's plug-ins and the
+    examples read, checked when the arguments are parsed: the Trainer would take a NaN or negative learning rate
+    silently (NaN weights, gradient ascent) and meet a batch size of 0 only in its DataLoader, after creating the
+    output folder. ``None`` (a recipe field not resolved yet) is left to the caller. Every float field must be finite
+    besides."""
+    check_finite_arguments(args)
+    ranges = {
+        "learning_rate": dict(low=0, low_open=True),
+        "weight_decay": dict(low=0),
+        "adam_beta1": dict(low=0, high=1, high_open=True),
+        "adam_beta2": dict(low=0, high=1, high_open=True),
+        "adam_epsilon": dict(low=0, low_open=True),
+        "max_grad_norm": dict(low=0),  # 0 turns clipping off; a negative value would too, silently
+        "num_train_epochs": dict(low=0),
+        "warmup_steps": dict(low=0),  # steps, or a fraction of the run below 1
+        "label_smoothing_factor": dict(low=0, high=1, high_open=True),
+        "logging_steps": dict(low=0, low_open=True),  # steps, or a fraction of the run below 1
+        "save_steps": dict(low=0, low_open=True),
+        "eval_steps": dict(low=0, low_open=True),
+        "per_device_train_batch_size": dict(low=1),
+        "per_device_eval_batch_size": dict(low=1),
+        "gradient_accumulation_steps": dict(low=1),
+        "save_total_limit": dict(low=1),
+        "dataloader_num_workers": dict(low=0),
+    }
+    for name, bounds in ranges.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            check_range(name, value, **bounds)
+    if args.num_train_epochs is not None and args.num_train_epochs <= 0 and args.max_steps <= 0:
+        raise ValueError(f"num_train_epochs must be > 0 (or give --max_steps), got {args.num_train_epochs}")
+
+
+@dataclass
+class CheckedTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` for long runs: values checked when parsed (``check_training_values``), a diverged run
+    stopped at its first non-finite loss or gradient (``StopOnNonFiniteCallback``, on unless
+    ``--stop_on_non_finite false``), a non-finite loss logged as what it is, and resumes that are all or nothing
+    (``resume_checkpoint``) unless ``--allow_fresh_optimizer``."""
+
+    stop_on_non_finite: bool = field(
+        default=True,
+        metadata={"help": "stop with an error at the first non-finite loss or gradient (no checkpoint is written)"},
+    )
+    allow_fresh_optimizer: bool = field(
+        default=False,
+        metadata={
+            "help": "resume from a checkpoint lacking optimizer.pt/scheduler.pt, this process count's RNG states or "
+            "the EMA weights: those start afresh, with a warning (else the resume is refused)"
+        },
+    )
+    # the stock default (True) logs a NaN/inf loss as the mean of the finite ones: a diverged run looks healthy
+    logging_nan_inf_filter: bool = field(
+        default=False, metadata={"help": "log the mean of the finite losses in place of a NaN/inf one"}
+    )
+
+    def __post_init__(self):
+        check_training_values(self)
+        super().__post_init__()
 
 
 # the TrainingArguments fields a recipe may set; declared again below with a default of None ("not given")
@@ -91,7 +185,7 @@ _FROM_RECIPE = "from the recipe, else {}"
 
 
 @dataclass
-class RecipeTrainingArguments(TrainingArguments):
+class RecipeTrainingArguments(CheckedTrainingArguments):
     """``TrainingArguments`` whose recipe-governed fields default to ``None``, meaning "not given": each takes
     the value of ``--recipe`` when there is one, else the class's default. What was given on the command line is
     kept. ``recipe_sources`` records where each effective value came from (for the log and the model card).
@@ -207,12 +301,12 @@ class RecipeTrainingArguments(TrainingArguments):
         """Range checks of the recipe-governed values (and of the stock values ``check_training_values`` reads);
         subclasses extend it."""
         check_training_values(self)
-        if self.base_learning_rate is not None and not self.base_learning_rate > 0:
-            raise ValueError(f"base_learning_rate must be > 0, got {self.base_learning_rate}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.num_train_epochs <= 0 and self.max_steps <= 0:
-            raise ValueError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
+        if self.base_learning_rate is not None:
+            check_range("base_learning_rate", self.base_learning_rate, 0, low_open=True)
+        if self.min_lr is not None:
+            check_range("min_lr", self.min_lr, 0)
+        if self.warmup_epochs is not None:
+            check_range("warmup_epochs", self.warmup_epochs, 0)
 
     def recipe_hyperparameters(self) -> dict[str, Any]:
         """The effective value of every recipe-governed argument (for the model card)."""
@@ -256,20 +350,16 @@ class FinetuneTrainingArguments(RecipeTrainingArguments):
 
     def check_recipe_values(self) -> None:
         super().check_recipe_values()
-        if not 0.0 < self.layer_decay <= 1.0:
-            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        check_range("layer_decay", self.layer_decay, 0, 1, low_open=True)
         if self.layer_decay_type not in ("single", "group"):
             raise ValueError(f"layer_decay_type must be 'single' or 'group', got {self.layer_decay_type!r}")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        check_range("drop_path_rate", self.drop_path_rate, 0, 1, high_open=True)
         if not (self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0):
             raise ValueError(f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}")
-        if self.mixup < 0 or self.cutmix < 0:
+        if self.mixup < 0 or self.cutmix < 0:  # NaN and inf were refused by check_training_values
             raise ValueError(f"mixup and cutmix alphas must be >= 0, got {self.mixup} and {self.cutmix}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0.0 <= self.random_erasing <= 1.0:
-            raise ValueError(f"random_erasing must be in [0, 1], got {self.random_erasing}")
+        check_range("label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        check_range("random_erasing", self.random_erasing, 0, 1)
 
 
 @dataclass
@@ -318,7 +408,10 @@ __all__ = [
     "PRETRAIN_RECIPES",
     "PRETRAIN_TOTAL_BATCH",
     "PretrainTrainingArguments",
+    "CheckedTrainingArguments",
     "RecipeTrainingArguments",
+    "check_finite_arguments",
+    "check_range",
     "check_training_values",
     "create_model_card",
     "finetune_recipe",

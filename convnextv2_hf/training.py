@@ -15,14 +15,15 @@ Nothing here needs a Trainer subclass::
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging as python_logging
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,7 +31,8 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from .configuration_convnextv2 import ConvNextV2Config
-from .modeling_convnextv2 import check_safetensors_files, draw_mask, num_kept_patches
+from .modeling_convnextv2 import check_finite_weights, check_safetensors_files, draw_mask, num_kept_patches
+from .recipes import check_training_values
 
 logger = logging.get_logger(__name__)
 
@@ -185,7 +187,9 @@ def layer_decay_optimizer(
     """``optimizer_cls_and_kwargs`` for the stock Trainer: AdamW over ``layer_decay_param_groups`` with each
     group's lr set to ``args.learning_rate * lr_scale``. The Trainer's scheduler multiplies every group's lr by
     the same factor, so the ratios hold through warm-up and decay; on resume the same groups are rebuilt
-    before the optimizer state is loaded. Build a new tuple for each ``Trainer``."""
+    before the optimizer state is loaded. Build a new tuple for each ``Trainer``. The ``args`` values it reads are
+    checked first (``recipes.check_training_values``: a NaN learning rate or beta is a ``ValueError`` naming it)."""
+    check_training_values(args)
     weight_decay = args.weight_decay if weight_decay is None else weight_decay
     groups: dict[tuple[float, float], dict] = {}
     # layers that share a scale and weight decay share a group: fewer groups make a faster optimizer step (26 groups
@@ -336,60 +340,379 @@ def fcmae_loss(outputs, labels=None, num_items_in_batch=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 EMA_WEIGHTS_NAME = "ema_model.safetensors"
+TRAINER_STATE_NAME = "trainer_state.json"
+# the model files a Trainer checkpoint may hold (safetensors, sharded, PyTorch, PEFT adapters)
+MODEL_WEIGHTS_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
 
 
-def resume_checkpoint(args: TrainingArguments) -> str | None:
+class NonFiniteTrainingError(ValueError):
+    """A training step produced a NaN or inf loss or gradient norm; ``StopOnNonFiniteCallback`` raises it before the
+    optimizer applies that step, so no weights of it are ever saved."""
+
+
+def _all_processes_agree(finite: torch.Tensor) -> torch.Tensor:
+    """``finite`` and-ed over every process of a ``torch.distributed`` run (itself otherwise). A loss that is inf on one
+    process while the averaged gradients stay finite would stop that process alone and leave the others waiting at
+    the next collective; with the flags agreed, every process stops at the same step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return finite
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else finite.device
+    agreed = finite.to(device=device, dtype=torch.int32)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    return agreed.bool()
+
+
+class StopOnNonFiniteCallback(TrainerCallback):
+    """Stop training at the first optimizer step whose loss or gradient norm is NaN or inf, with
+    ``NonFiniteTrainingError`` naming the step, as the official training loop stops at the first non-finite loss.
+
+    How every step is seen, whatever ``logging_steps`` is: the Trainer passes no loss to its callbacks, and logs one
+    only every ``logging_steps`` steps (replaced by the finite mean under ``logging_nan_inf_filter``). So a forward
+    hook (``register_forward_hook``, torch's public API) keeps each training micro-batch's ``loss`` output, and
+    ``on_pre_optimizer_step`` (after the backward passes and any clipping, before ``optimizer.step()``) checks those
+    losses and the gradients (the same total 2-norm the Trainer clips and logs as ``grad_norm``). The error is raised
+    there: the optimizer never applies the step, and ``trainer.train()`` ends before anything of that step (checkpoint,
+    final model, EMA weights) is written. Cost: one host sync per optimizer step.
+
+    Models whose forward returns no ``loss`` (e.g. with ``compute_loss_func``) are covered by the gradient check: a
+    NaN loss gives NaN gradients. Under DDP the gradients are averaged over processes first, so every process sees a
+    non-finite gradient and stops at the same step. The gradient check is off under fp16 loss scaling
+    (``--fp16``), where inf gradients are expected: the scaler skips those steps and lowers its scale.
+    """
+
+    def __init__(self):
+        self._losses: list[torch.Tensor] = []
+        self._hook = None
+        self._check_gradients = True
+
+    def _record_loss(self, module: nn.Module, inputs, output) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return  # evaluation and previews (e.g. reconstruction grids) are not training steps
+        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            self._losses.append(loss.detach())
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._losses = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._remove_hook()
+        self._hook = model.register_forward_hook(self._record_loss)
+        self._check_gradients = not args.fp16
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        losses, self._losses = self._losses, []
+        flags = [torch.isfinite(loss).all() for loss in losses]
+        norm = None
+        if self._check_gradients:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this process's shard
+            if grads:
+                device = grads[0].device
+                norm = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g.detach().float()).to(device) for g in grads])
+                )
+        checks = [flag.to(flags[0].device) for flag in flags] if flags else []
+        if norm is not None:
+            checks.append(torch.isfinite(norm).to(checks[0].device if checks else norm.device))
+        finite = torch.stack(checks).all() if checks else torch.tensor(True)
+        finite = _all_processes_agree(finite)
+        if bool(finite):  # the one host sync of the step
+            return
+        step = state.global_step + 1
+        bad = [index for index, flag in enumerate(flags) if not bool(flag)]
+        if all(bool(check) for check in checks):
+            what = "another process saw a non-finite loss or gradient norm (this one's are finite)"
+        elif bad:
+            value = losses[bad[0]].float().flatten()
+            value = value[~torch.isfinite(value)][0].item()
+            where = f" (micro-batch {bad[0] + 1} of {len(losses)})" if len(losses) > 1 else ""
+            what = f"the loss is {value}{where}"
+        else:
+            seen = "the loss is finite" if losses else "the model returned no loss to check"
+            what = f"the gradient norm is {norm.item()} ({seen})"
+        self._remove_hook()
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        raise NonFiniteTrainingError(
+            f"training stopped at step {step}: {what}. The optimizer did not take this step and nothing of it was "
+            f"saved; the last checkpoint is {last or 'none'}. Lower the learning rate, clip gradients "
+            "(--max_grad_norm) or look for NaN/inf in the data; --stop_on_non_finite false (or leaving out "
+            "StopOnNonFiniteCallback) lets training go on"
+        )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._remove_hook()
+
+
+def _read_trainer_state(folder: Path) -> dict | None:
+    try:
+        saved = json.loads((folder / TRAINER_STATE_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _is_readable_torch_file(path: Path) -> bool:
+    """A ``torch.save`` file is a zip archive whose directory sits at its end: a cut-short file has none. Reads the
+    directory only, not the data."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+class CheckpointCheck(NamedTuple):
+    """What ``checkpoint_problems`` finds in a checkpoint folder."""
+
+    problem: str | None  # the first reason it cannot be resumed; None when it can
+    interrupted: bool  # the problem is what an interrupted save leaves (skipped by ``last``), not damage
+    fresh: list[str]  # files missing but accepted by ``allow_fresh_optimizer``: that state starts afresh
+
+
+def checkpoint_problems(
+    folder: str | os.PathLike, world_size: int = 1, ema: bool = False, allow_fresh_optimizer: bool = False
+) -> CheckpointCheck:
+    """Whether ``folder`` is a complete Trainer checkpoint.
+
+    Complete means: a readable ``trainer_state.json``, no ``*.partial`` file, model weights with complete
+    safetensors files, readable ``optimizer.pt`` and ``scheduler.pt``, the RNG states the Trainer writes for this
+    ``world_size`` (``rng_state.pth``, or ``rng_state_<rank>.pth`` for each process) and, with ``ema``,
+    ``ema_model.safetensors``. A missing optimizer, scheduler, RNG or EMA file is a problem unless
+    ``allow_fresh_optimizer``; an unreadable one always is (the Trainer would fail on it).
+
+    ``interrupted``: the Trainer writes ``trainer_state.json`` after the weights, optimizer, scheduler and RNG
+    states, and ``EMACallback.on_save`` writes the EMA weights after that (through a ``.partial`` file). So a folder
+    without a readable trainer state, with a ``.partial`` file, or (with ``ema``) without EMA weights is a save cut
+    short (SIGINT, SIGTERM, a crash); a folder with a trainer state and a missing or cut-short file of the earlier
+    ones was damaged afterwards, and is an error rather than silently passed over."""
+    folder = Path(folder)
+    if not (folder / TRAINER_STATE_NAME).is_file():
+        extra = " (the Trainer writes it last: a save interrupted before its end)" if folder.is_dir() else ""
+        return CheckpointCheck(f"{folder}: not a Trainer checkpoint (no trainer_state.json there){extra}", True, [])
+    state = _read_trainer_state(folder)
+    if state is None or not isinstance(state.get("global_step"), int):
+        problem = f"{folder / TRAINER_STATE_NAME} is unreadable or not a trainer state (a save cut short?)"
+        return CheckpointCheck(problem, True, [])
+    partial = sorted(folder.glob("*.partial"))
+    if partial:
+        return CheckpointCheck(f"{partial[0]} is left from an interrupted save", True, [])
+    if not any((folder / name).is_file() for name in MODEL_WEIGHTS_NAMES) and not any(
+        path.is_dir() and path.name.startswith(("pytorch_model_fsdp", "global_step")) for path in folder.iterdir()
+    ):
+        problem = f"{folder} holds no model weights ({MODEL_WEIGHTS_NAMES[0]} or another of {MODEL_WEIGHTS_NAMES})"
+        return CheckpointCheck(problem, False, [])
+    try:
+        check_safetensors_files(folder)
+    except ValueError as error:
+        return CheckpointCheck(str(error), False, [])
+    fresh: list[str] = []
+    deepspeed = any(path.is_dir() and path.name.startswith("global_step") for path in folder.iterdir())
+    names = [] if deepspeed else ["optimizer.pt", "scheduler.pt"]  # DeepSpeed keeps them in its global_step* folder
+    names += ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            fresh.append(str(path))
+            if allow_fresh_optimizer:
+                continue
+            problem = f"{path} is missing"
+            if name.startswith("rng_state"):
+                present = sorted(p.name for p in folder.glob("rng_state*.pth"))
+                problem += f" (this run has {world_size} process(es); the checkpoint holds {present or 'no RNG state'})"
+            return CheckpointCheck(problem + _FRESH_HINT, False, fresh)
+        if not _is_readable_torch_file(path):
+            return CheckpointCheck(f"{path} is unreadable (is it truncated?)", False, fresh)
+    if ema and not (folder / EMA_WEIGHTS_NAME).is_file():
+        fresh.append(str(folder / EMA_WEIGHTS_NAME))
+        if not allow_fresh_optimizer:
+            problem = f"{folder / EMA_WEIGHTS_NAME} is missing (EMA is on; it is written after the trainer state)"
+            return CheckpointCheck(problem + _FRESH_HINT, True, fresh)
+    return CheckpointCheck(None, False, fresh)
+
+
+_FRESH_HINT = "; --allow_fresh_optimizer resumes without it, starting that part afresh"
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(match.group(1)) if match and path.is_dir() else None
+
+
+def _checkpoints_newest_first(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    found = [(step, path) for path in folder.iterdir() if (step := _checkpoint_step(path)) is not None]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def resume_checkpoint(
+    args: TrainingArguments,
+    ema: bool | None = None,
+    allow_fresh_optimizer: bool | None = None,
+    model: nn.Module | None = None,
+) -> str | None:
     """What a script passes to ``trainer.train(resume_from_checkpoint=...)`` for ``--resume_from_checkpoint``:
-    None, a checkpoint folder, or the newest ``checkpoint-*`` in ``output_dir`` for ``True``/``last`` (the
-    Trainer would take the string "True" for a folder). The folder must hold ``trainer_state.json`` and complete
-    safetensors files, else ``ValueError`` naming what is wrong, before any training starts."""
-    from transformers.trainer_utils import get_last_checkpoint
+    None, a checkpoint folder, or for ``True``/``last`` the newest complete ``checkpoint-*`` in ``output_dir``
+    (the Trainer would take the string "True" for a folder, and its own choice for ``True`` is the newest folder,
+    complete or not). Resume is all or nothing (``checkpoint_problems`` says what a complete checkpoint holds),
+    checked before any training starts, with a ``ValueError`` naming the file:
 
+    - ``last``: folders left by an interrupted save are skipped, each named in a warning; a damaged one (a trainer
+      state beside a missing or cut-short file) is an error, as is finding no complete one;
+    - an explicit folder that is incomplete is an error, naming the newest complete checkpoint beside it if any;
+    - with ``model``, a checkpoint of another task or size (``check_checkpoint_fits``).
+
+    ``ema`` (default: ``args.ema_decay > 0`` where the arguments have it) requires ``ema_model.safetensors``;
+    ``allow_fresh_optimizer`` (default: ``args.allow_fresh_optimizer``, else False) accepts a missing optimizer,
+    scheduler, RNG or EMA file with a warning.
+    """
     value = args.resume_from_checkpoint
     if value is None or value is False or str(value).lower() in ("", "false", "none"):
         return None
+    if ema is None:
+        ema = (getattr(args, "ema_decay", 0.0) or 0.0) > 0
+    if allow_fresh_optimizer is None:
+        allow_fresh_optimizer = bool(getattr(args, "allow_fresh_optimizer", False))
+    world_size = max(1, args.world_size)
+
+    def check(path: Path) -> CheckpointCheck:
+        return checkpoint_problems(path, world_size, ema, allow_fresh_optimizer)
+
+    def newest_complete(folder: Path, besides: Path | None = None) -> Path | None:
+        others = (path for path in _checkpoints_newest_first(folder) if path != besides)
+        return next((path for path in others if check(path).problem is None), None)
+
     if value is True or str(value).lower() in ("true", "last"):
-        if not Path(args.output_dir).is_dir() or (folder := get_last_checkpoint(args.output_dir)) is None:
+        candidates = _checkpoints_newest_first(Path(args.output_dir))
+        if not candidates:
             raise ValueError(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {args.output_dir}")
+        skipped = []
+        for folder in candidates:
+            found = check(folder)
+            if found.problem is None:
+                break
+            if not found.interrupted:
+                complete = newest_complete(Path(args.output_dir), besides=folder)
+                hint = f"; the newest complete checkpoint is {complete}: resume from it explicitly" if complete else ""
+                raise ValueError(f"--resume_from_checkpoint {value}: the newest checkpoint {found.problem}{hint}")
+            skipped.append(f"{folder.name}: {found.problem}")
+        else:
+            raise ValueError(
+                f"--resume_from_checkpoint {value}: no complete checkpoint in {args.output_dir}: " + "; ".join(skipped)
+            )
+        for line in skipped:
+            logger.warning(f"--resume_from_checkpoint {value}: skipping the incomplete {line}")
     else:
-        folder = str(value)
-    if not (Path(folder) / "trainer_state.json").is_file():
-        raise ValueError(f"--resume_from_checkpoint {folder}: not a Trainer checkpoint (no trainer_state.json there)")
-    check_safetensors_files(folder)
-    return folder
+        folder = Path(str(value))
+        found = check(folder)
+        if found.problem is not None:
+            message = f"--resume_from_checkpoint: {found.problem}"
+            complete = newest_complete(folder.parent, besides=folder) if _checkpoint_step(folder) is not None else None
+            if complete is not None:
+                message += f". The newest complete checkpoint beside it is {complete}: resume from that one"
+            raise ValueError(message)
+    for path in found.fresh:
+        logger.warning(f"resuming from {folder} without {path}: that state starts afresh (--allow_fresh_optimizer)")
+    if model is not None:
+        check_checkpoint_fits(folder, model)
+    return str(folder)
 
 
-def resumed_checkpoint(args: TrainingArguments, state) -> Path | None:
-    """The checkpoint folder the running ``Trainer.train`` has just resumed from, seen from a callback.
+def _describe_config(config: dict) -> str:
+    """The size-defining fields of a config dict (or of its backbone's), for messages."""
+    inner = config.get("backbone_config") if isinstance(config.get("backbone_config"), dict) else config
+    fields = [f"{name} {inner[name]}" for name in ("depths", "hidden_sizes") if name in inner]
+    if "num_labels" in config or "id2label" in config:
+        fields.append(f"{len(config.get('id2label') or {}) or config.get('num_labels')} labels")
+    return ", ".join(fields) or "no size fields"
 
-    The Trainer hands that folder to no callback, so this looks in order at: the ``resume_from_checkpoint`` the
-    running ``train`` call resolved (``True`` becomes the newest checkpoint; a local of the Trainer frames that
-    called us), ``args.resume_from_checkpoint``, and ``<output_dir>/checkpoint-<step>``. A folder counts only if
-    its ``trainer_state.json`` is the state the Trainer loaded (same step and log history), so a stale
-    ``args.resume_from_checkpoint`` or another run's folder is never taken.
+
+def check_checkpoint_fits(folder: str | os.PathLike, model: nn.Module) -> None:
+    """``ValueError`` naming both when the checkpoint ``folder`` holds another kind of model than ``model`` (its
+    ``config.json`` ``architectures``: e.g. an FCMAE checkpoint resumed by the fine-tuning script) or one of another
+    size (weight names or shapes, from the safetensors headers only). PEFT models and checkpoints without a
+    ``config.json`` or safetensors weights are left to the Trainer."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if hasattr(model, "peft_config") or not (folder / "config.json").is_file():
+        return
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except ValueError as error:
+        raise ValueError(f"{folder / 'config.json'} is unreadable: {error}") from error
+    ours, ours_config = type(model).__name__, model.config.to_dict()
+    theirs = (saved.get("architectures") or [None])[0]
+    if theirs is not None and theirs != ours:
+        raise ValueError(
+            f"--resume_from_checkpoint {folder} holds a {theirs} ({_describe_config(saved)}), but this run trains a "
+            f"{ours} ({_describe_config(ours_config)}): resume a checkpoint with the script of its own task, or start "
+            "from its weights with --model_name_or_path instead"
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(folder.glob("model*.safetensors")):
+        with safe_open(str(path), framework="pt") as file:
+            for key in file.keys():
+                shapes[key] = tuple(file.get_slice(key).get_shape())
+    if not shapes:
+        return
+    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    differ = [
+        f"{key} {shapes[key]} vs {expected[key]}" for key in expected if key in shapes and shapes[key] != expected[key]
+    ]
+    missing = [key for key in expected if key not in shapes]
+    extra = [key for key in shapes if key not in expected]
+    if differ or missing or extra:
+        detail = "; ".join(
+            part
+            for part in (
+                f"other shapes: {differ[:3]}" if differ else "",
+                f"not in the checkpoint: {missing[:3]}" if missing else "",
+                f"not in this model: {extra[:3]}" if extra else "",
+            )
+            if part
+        )
+        raise ValueError(
+            f"--resume_from_checkpoint {folder} holds a {theirs or 'model'} of another size "
+            f"({_describe_config(saved)}) than this run's {ours} ({_describe_config(ours_config)}): {detail}"
+        )
+
+
+def resumed_checkpoint(args: TrainingArguments, state, candidates=()) -> Path | None:
+    """The checkpoint folder the running ``Trainer.train`` has just resumed from, seen from a callback at
+    ``on_train_begin``, by public means only: the Trainer hands that folder to no callback.
+
+    Looks in order at ``candidates`` (e.g. the folder given to ``EMACallback.resume_from``),
+    ``args.resume_from_checkpoint`` (what the example scripts set) and ``<output_dir>/checkpoint-<step>`` (where
+    ``train(resume_from_checkpoint=True)`` and a folder of this run resume from). A folder counts only if its
+    ``trainer_state.json`` is the state the Trainer loaded (same step and log history), so a stale
+    ``args.resume_from_checkpoint`` or another run's folder is never taken. None when no candidate matches.
     """
-    from transformers import Trainer
-
-    candidates: list[str] = []
-    frame = inspect.currentframe()
-    while frame is not None:
-        value = frame.f_locals.get("resume_from_checkpoint")
-        if isinstance(frame.f_locals.get("self"), Trainer) and isinstance(value, (str, os.PathLike)):
-            candidates.append(os.fspath(value))
-            break
-        frame = frame.f_back
-    del frame  # frames hold references to every local up the stack
+    paths = [os.fspath(candidate) for candidate in candidates if candidate is not None]
     if isinstance(args.resume_from_checkpoint, (str, os.PathLike)):
-        candidates.append(os.fspath(args.resume_from_checkpoint))
-    candidates.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-    for candidate in candidates:
-        state_file = Path(candidate) / "trainer_state.json"
-        try:
-            saved = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            continue
-        if saved.get("global_step") == state.global_step and saved.get("log_history") == state.log_history:
-            return Path(candidate)
+        paths.append(os.fspath(args.resume_from_checkpoint))
+    paths.append(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+    for path in paths:
+        saved = _read_trainer_state(Path(path))
+        if saved and saved.get("global_step") == state.global_step and saved.get("log_history") == state.log_history:
+            return Path(path)
     return None
 
 
@@ -399,22 +722,51 @@ class EMACallback(TrainerCallback):
     ``ema_model.safetensors`` and restored on resume. ``use_for_final_save=True`` copies them into the model
     when training ends, so ``trainer.save_model()`` writes the EMA weights. To evaluate the average at any other
     point, ``copy_to`` a model (or use ``callback.ema.module``, the averaged copy); ``state_dict``, ``save`` and
-    ``load`` give the EMA weights as tensors or a safetensors file.
+    ``load`` give the EMA weights as tensors or a safetensors file. EMA weights holding NaN or inf are never saved.
+
+    Resuming: the callback finds the checkpoint the Trainer resumed from through ``resumed_checkpoint``: a folder of
+    this run's ``output_dir`` (``train(resume_from_checkpoint=True)`` or such a path) and
+    ``args.resume_from_checkpoint`` are found as they are; for a folder elsewhere, tell the callback in the same line::
+
+        trainer.train(resume_from_checkpoint=ema.resume_from(folder))
+
+    A resume whose checkpoint cannot be found, or holds no EMA weights, is a ``ValueError`` (the average would
+    otherwise restart silently) unless ``allow_fresh_start=True``, which restarts it from the current weights with
+    a warning.
     """
 
-    def __init__(self, decay: float = 0.9999, use_for_final_save: bool = False):
+    def __init__(self, decay: float = 0.9999, use_for_final_save: bool = False, allow_fresh_start: bool = False):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.use_for_final_save = use_for_final_save
+        self.allow_fresh_start = allow_fresh_start
         self.ema: torch.optim.swa_utils.AveragedModel | None = None
+        self._resume_folder: Path | None = None
+
+    def resume_from(self, checkpoint):
+        """Note the folder the next ``train`` call resumes from and return ``checkpoint`` unchanged, for
+        ``trainer.train(resume_from_checkpoint=ema.resume_from(checkpoint))`` (None/False/True pass through)."""
+        is_folder = isinstance(checkpoint, (str, os.PathLike)) and str(checkpoint).lower() not in ("true", "false")
+        self._resume_folder = Path(checkpoint) if is_folder else None
+        return checkpoint
 
     def _build(self, model: nn.Module) -> None:
         multi_avg_fn = torch.optim.swa_utils.get_ema_multi_avg_fn(self.decay)
         self.ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=multi_avg_fn, use_buffers=True)
 
+    def _fresh_start(self, why: str) -> None:
+        if not self.allow_fresh_start:
+            raise ValueError(
+                f"{why}. Tell the callback the folder with `trainer.train(resume_from_checkpoint="
+                "ema.resume_from(folder))`, or pass EMACallback(allow_fresh_start=True) (--allow_fresh_optimizer in "
+                "the example scripts) to restart the average from the current weights"
+            )
+        logger.warning(f"{why}; the EMA restarts from the current weights")
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._build(model)
+        announced, self._resume_folder = self._resume_folder, None
         if state.global_step == 0:
             if args.resume_from_checkpoint:
                 logger.warning(
@@ -423,10 +775,19 @@ class EMACallback(TrainerCallback):
                     "is for scripts to pass on; see `resume_checkpoint`). Model, optimizer and EMA all start afresh."
                 )
             return
-        folder = resumed_checkpoint(args, state)
-        if folder is None or not (folder / EMA_WEIGHTS_NAME).exists():
-            where = "found no checkpoint folder at that step" if folder is None else f"{folder} holds no EMA weights"
-            logger.warning(f"resuming at step {state.global_step}: {where}; the EMA restarts from the current weights")
+        folder = resumed_checkpoint(args, state, candidates=[announced])
+        if folder is None:
+            self._fresh_start(
+                f"resuming at step {state.global_step}, EMACallback found no checkpoint folder whose trainer state is "
+                f"the one the Trainer loaded (looked at {announced or 'no folder given to resume_from'}, "
+                f"args.resume_from_checkpoint={args.resume_from_checkpoint!r} and "
+                f"{Path(args.output_dir) / f'checkpoint-{state.global_step}'})"
+            )
+            return
+        if not (folder / EMA_WEIGHTS_NAME).exists():
+            self._fresh_start(
+                f"resuming at step {state.global_step}: {folder} holds no EMA weights ({EMA_WEIGHTS_NAME})"
+            )
             return
         self.load(folder / EMA_WEIGHTS_NAME, expected_step=state.global_step)
 
@@ -449,13 +810,16 @@ class EMACallback(TrainerCallback):
 
     def save(self, path: Path, global_step: int | None = None) -> None:
         """Write the EMA weights and ``n_averaged`` to a safetensors file (via a temporary file, so an interrupted
-        save never leaves a partial file under ``path``); ``global_step`` goes into the file's metadata."""
+        save never leaves a partial file under ``path``); ``global_step`` goes into the file's metadata. EMA weights
+        holding NaN or inf are refused (``NonFiniteWeightsError`` naming the first such tensor), nothing written."""
         from safetensors.torch import save_file
 
         path = Path(path)
+        state = self.state_dict()
+        check_finite_weights(state, f"the EMA weights to save to {path} (nothing was written)")
         partial = path.with_name(path.name + ".partial")
         metadata = None if global_step is None else {"global_step": str(global_step)}
-        save_file(self.state_dict(), str(partial), metadata=metadata)
+        save_file(state, str(partial), metadata=metadata)
         os.replace(partial, path)
 
     def load(self, path: Path, expected_step: int | None = None) -> None:
@@ -569,10 +933,16 @@ __all__ = [
     "finish_distributed_run",
     "setup_script_logging",
     "EMACallback",
+    "EMA_WEIGHTS_NAME",
     "FCMAECollator",
     "FCMAEMaskEpochCallback",
     "FCMAEReconstructionCallback",
+    "NonFiniteTrainingError",
+    "StopOnNonFiniteCallback",
+    "check_checkpoint_fits",
     "check_safetensors_files",
+    "CheckpointCheck",
+    "checkpoint_problems",
     "fcmae_loss",
     "find_convnextv2_encoder",
     "layer_decay_optimizer",

@@ -10,6 +10,8 @@
   decoded here, completely, so a corrupt or truncated file raises a ``ValueError`` naming it (or, with
   ``skip_corrupt_images=True``, is left out with a warning: its example's ``pixel_values`` is ``None`` and the
   collators drop it).
+- Every transform starts with ``ToRGB``: a PIL image becomes RGB by the package's one image rule
+  (``convnextv2_hf.image_loading``), the pixels the image processors and pipelines see for the same file.
 - ``with_example_index`` and ``streaming_image_dataset``: each example carries its ``index`` (what
   ``FCMAECollator`` seeds its masks with).
 
@@ -22,7 +24,7 @@ official "pixel" mode, in the normalised space.
 
 from __future__ import annotations
 
-import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,9 +34,26 @@ from torchvision.transforms import v2
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import logging
 
+from .image_loading import ImageReadError, open_image, to_rgb
+
 logger = logging.get_logger(__name__)
 
 BICUBIC = v2.InterpolationMode.BICUBIC
+
+
+class ToRGB(torch.nn.Module):
+    """First step of every transform here: a PIL image becomes RGB by the package's one image rule
+    (``image_loading.to_rgb``: EXIF orientation, alpha on white, 16-bit and float grey scaled), so training sees
+    the pixels the image processors see; tensors go to torchvision's ``v2.RGB`` (grey to three channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tensor_rgb = v2.RGB()
+
+    def forward(self, image):
+        if isinstance(image, PIL.Image.Image):
+            return to_rgb(image)
+        return self.tensor_rgb(image)
 
 
 def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
@@ -50,7 +69,7 @@ def fcmae_pretraining_transform(
     """The official FCMAE pretraining augmentation; any PIL image or tensor in, (3, size, size) float out."""
     return v2.Compose(
         [
-            v2.RGB(),
+            ToRGB(),
             v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
             v2.RandomHorizontalFlip(),
             *_to_normalised_tensor(mean, std),
@@ -67,7 +86,7 @@ def fcmae_evaluation_transform(
     (3, size, size) float out. No randomness, so evaluation losses compare across steps and runs."""
     return v2.Compose(
         [
-            v2.RGB(),
+            ToRGB(),
             v2.Resize(size, interpolation=BICUBIC, antialias=True),
             v2.CenterCrop(size),
             *_to_normalised_tensor(mean, std),
@@ -86,7 +105,7 @@ def finetuning_transform(
 ) -> v2.Compose:
     """The official fine-tuning augmentation (see the module docstring for how RandAugment differs).
     ``horizontal_flip=False`` for data whose classes a mirror changes (digits, text)."""
-    steps = [v2.RGB(), v2.RandomResizedCrop(size, interpolation=BICUBIC, antialias=True)]
+    steps = [ToRGB(), v2.RandomResizedCrop(size, interpolation=BICUBIC, antialias=True)]
     if horizontal_flip:
         steps.append(v2.RandomHorizontalFlip())
     if rand_augment_magnitude > 0:
@@ -155,31 +174,23 @@ def readable_examples(examples: list[dict]) -> list[dict]:
 
 def load_image(value, skip_corrupt_images: bool = False) -> PIL.Image.Image | None:
     """Decode one image completely: a ``datasets`` ``Image(decode=False)`` value (``{"bytes", "path"}``), a path,
-    raw bytes or a PIL image. Decoding every pixel here (not lazily later) makes a truncated file fail here.
+    raw bytes or a PIL image, by ``image_loading.open_image``: bounded (an image over the pixel limit is refused
+    before it is decoded), EXIF orientation applied as ``datasets`` does, mode kept (the transforms' ``ToRGB``
+    makes pixels of it). Decoding every pixel here (not lazily later) makes a truncated file fail here.
 
     A file that cannot be read raises ``ValueError`` naming it; with ``skip_corrupt_images=True`` it is logged as a
     warning and ``None`` is returned instead.
     """
-    if isinstance(value, PIL.Image.Image):
-        return value
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-    elif isinstance(value, (bytes, bytearray)):
-        data, path = bytes(value), None
-    else:
-        data, path = None, value
-    name = str(path) if path else "an image given as bytes (no file name)"
     try:
-        with PIL.Image.open(io.BytesIO(data) if data is not None else path) as image:
-            image.load()  # the whole file now: PIL's open() reads only the header
-        return image
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, zlib/struct errors for bad files
+        return open_image(value)
+    except ImageReadError as error:
+        name = error.name or "an image given as bytes (no file name)"
         if not skip_corrupt_images:
             raise ValueError(
-                f"cannot read image {name}: {error}. Remove or replace the file, or skip unreadable images with a "
-                "warning (--skip_corrupt_images / skip_corrupt_images=True)"
-            ) from error
-        logger.warning(f"skipping unreadable image {name}: {error}")
+                f"cannot read image {name}: {error.problem}. Remove or replace the file, or skip unreadable images "
+                "with a warning (--skip_corrupt_images / skip_corrupt_images=True)"
+            ) from None
+        logger.warning(f"skipping unreadable image {name}: {error.problem}")
         return None
 
 
@@ -293,6 +304,87 @@ def streaming_image_dataset(
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# folder names that `datasets`' imagefolder reads as splits (datasets.data_files.SPLIT_KEYWORDS)
+SPLIT_FOLDER_NAMES = ("train", "training", "validation", "valid", "dev", "val", "test", "testing", "eval", "evaluation")
+
+
+def check_file_names(root: Path) -> list[Path]:
+    """Every file under ``root``; ``ValueError`` naming the first path that is not valid UTF-8 (Python keeps such
+    bytes as surrogates; ``datasets`` and Arrow fail on them deep inside their code)."""
+    files = []
+    for path in sorted(root.rglob("*")):
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"the file name {os.fsencode(path)!r} under {os.fsencode(root)!r} is not valid UTF-8: rename it"
+            ) from None
+        if path.is_file():
+            files.append(path)
+    return files
+
+
+def image_folder_classes(root: Path) -> dict[str, dict[str, int]]:
+    """``{split: {class folder: image count}}`` of an image folder laid out as ``datasets`` reads it: split folders
+    (``SPLIT_FOLDER_NAMES``) holding class folders, or class folders directly (split ``"train"``). Images directly
+    in a split (or in ``root``) count under the class ``""``. Hidden folders are left out."""
+
+    def count(folder: Path) -> int:
+        return sum(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*"))
+
+    def classes(folder: Path) -> dict[str, int]:
+        found = {p.name: count(p) for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+        loose = sum(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
+        return {**({"": loose} if loose else {}), **found}
+
+    subfolders = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    splits = [p for p in subfolders if p.name.lower() in SPLIT_FOLDER_NAMES]
+    if splits:
+        return {p.name: classes(p) for p in splits}
+    return {"train": classes(root)}
+
+
+def check_image_folder(root: str | os.PathLike, labelled: bool = True) -> dict[str, dict[str, int]]:
+    """``ValueError`` naming the problem for a data folder that cannot be read as an image folder: it does not exist
+    or is a file, a file name is not valid UTF-8, it holds no images, or (``labelled``) a class folder holds none
+    (``datasets`` would leave the class out without a word). Returns ``image_folder_classes``."""
+    root = Path(root)
+    if root.is_file():
+        raise ValueError(f"image folder {str(root)!r} is a file, not a folder of images")
+    if not root.is_dir():
+        raise ValueError(f"image folder {str(root)!r} does not exist")
+    files = check_file_names(root)
+    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
+        raise ValueError(f"image folder {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    layout = image_folder_classes(root)
+    if labelled:
+        for split, counts in layout.items():
+            empty = [name for name, number in counts.items() if name and number == 0]
+            if empty:
+                where = root if split == "train" and not (root / split).is_dir() else root / split
+                raise ValueError(
+                    f"class folder(s) {empty} in {str(where)!r} hold no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                    "add images or remove the folder"
+                )
+    return layout
+
+
+def check_output_outside_data(output_dir: str | os.PathLike, data_paths: dict[str, str | os.PathLike | None]) -> None:
+    """``ValueError`` when ``output_dir`` equals, lies inside or holds one of ``data_paths`` (``{flag: path}``;
+    ``None`` and paths that do not exist locally are skipped): checkpoints written into a data folder would be read
+    as data by the next run (or make it unloadable), and a data folder inside the output could be deleted with it.
+    Paths are compared after resolving ``..`` and symbolic links."""
+    output = Path(output_dir).expanduser().resolve()
+    for flag, path in data_paths.items():
+        if path is None or not Path(path).expanduser().exists():
+            continue
+        data = Path(path).expanduser().resolve()
+        if output == data or output.is_relative_to(data) or data.is_relative_to(output):
+            relation = "is" if output == data else ("is inside" if output.is_relative_to(data) else "holds")
+            raise ValueError(
+                f"--output_dir {str(output_dir)!r} {relation} the data folder --{flag} {str(path)!r}: keep outputs and "
+                "data apart (choose an --output_dir outside the data)"
+            )
 
 
 def image_folder_dataset(
@@ -312,15 +404,14 @@ def image_folder_dataset(
     at least two; ``False`` always does, so a folder holding a single class (an evaluation set of one class) keeps
     its ``label_column``; ``True`` never does.
 
-    Returns a ``DatasetDict``; ``ValueError`` when the folder does not exist or holds no images.
+    Returns a ``DatasetDict``. Checked first (``check_image_folder``), ``ValueError`` naming the problem: the folder
+    does not exist or is a file, holds no images, a file name that is not valid UTF-8, or (unless
+    ``drop_labels=True``) a class folder without images, which would silently drop its class.
     """
     from datasets import load_dataset
 
     root = Path(data_dir)
-    if not root.is_dir():
-        raise ValueError(f"image folder {str(root)!r} does not exist")
-    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*") if p.is_file()):
-        raise ValueError(f"image folder {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    check_image_folder(root, labelled=drop_labels is not True)
     splits = load_dataset("imagefolder", data_dir=str(root), streaming=streaming, drop_labels=drop_labels)
     if transform is None or streaming:
         return splits
@@ -335,11 +426,17 @@ def image_folder_dataset(
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "SPLIT_FOLDER_NAMES",
     "ExampleIndexDataset",
     "MixUpCutMixCollator",
+    "ToRGB",
     "fcmae_evaluation_transform",
     "fcmae_pretraining_transform",
+    "check_file_names",
+    "check_image_folder",
+    "check_output_outside_data",
     "finetuning_transform",
+    "image_folder_classes",
     "image_folder_dataset",
     "load_image",
     "readable_examples",

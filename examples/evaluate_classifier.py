@@ -11,7 +11,9 @@ sub-folders. With several splits, ``--split`` picks one; it defaults to ``valida
 there is no such split the script stops and lists the splits there are. The processor saved with the model is
 used (the official evaluation transform), or ``--image_size`` builds one (a model folder saved without a processor
 needs it). Images are decoded by ``convnextv2_hf.transforms.load_image``: an unreadable file stops the run with its
-name.
+name, and an image over the decoding limit (``CONVNEXTV2_MAX_IMAGE_PIXELS``) is refused before it is decoded. The
+pixels follow the package's image rule (``convnextv2_hf.image_loading``: EXIF orientation, alpha on white, 16-bit
+scaled), the same as the processor's and the pipelines' for each file.
 """
 
 from __future__ import annotations
@@ -145,6 +147,17 @@ def load_evaluation_split(args: EvaluationArguments):
     return dataset, split
 
 
+def evaluation_batches(dataset, processor, args: EvaluationArguments):
+    """(pixel_values, labels) batches of ``args.batch_size``: each image decoded by ``load_image`` (an unreadable
+    file is a ValueError naming it, an image over the pixel limit is refused before decoding), then the processor,
+    which applies the package's image rule (``convnextv2_hf.image_loading``): the pixels the pipelines and the
+    processor give for the same file."""
+    images = with_image_transform(dataset, lambda image: image, args.image_column, args.label_column)
+    for start in range(0, len(images), args.batch_size):
+        batch = images[start : start + args.batch_size]
+        yield processor(batch["pixel_values"], return_tensors="pt")["pixel_values"], np.asarray(batch["labels"])
+
+
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses(args=argv)
     check_arguments(args)
@@ -163,15 +176,10 @@ def main(argv: list[str] | None = None) -> dict:
         to_model_id = np.array([label2id[name] for name in names])
     else:  # plain integer labels are the model's ids
         to_model_id = np.arange(model.config.num_labels)
-    # decoded by load_image: an unreadable file is a ValueError naming it, not PIL's bare OSError
-    images = with_image_transform(dataset, lambda image: image, args.image_column, args.label_column)
     metric = load_top_k_accuracy()
-    for start in range(0, len(images), args.batch_size):
-        batch = images[start : start + args.batch_size]
-        pixels = processor(batch["pixel_values"], return_tensors="pt")["pixel_values"].to(args.device)
+    for pixels, labels in evaluation_batches(dataset, processor, args):
         with torch.inference_mode():
-            logits = model(pixels).logits.float().cpu().numpy()
-        labels = np.asarray(batch["labels"])
+            logits = model(pixels.to(args.device)).logits.float().cpu().numpy()
         if labels.min() < 0 or labels.max() >= len(to_model_id):
             raise ValueError(f"labels must be class ids in [0, {len(to_model_id)}), got {sorted(set(labels.tolist()))}")
         metric.add_batch(predictions=logits, references=to_model_id[labels])

@@ -14,6 +14,11 @@ and listed in the model card. Without ``--model_name_or_path`` the model starts 
 train/validation sub-folders, or a flat class folder split by ``--validation_fraction``) or a ``datasets``
 dataset (``--dataset_name``). ``--skip_corrupt_images`` skips unreadable images with a warning instead of stopping
 at the first one.
+
+Long runs: every numeric flag is checked when parsed, and an ``--output_dir`` that overlaps a data folder is
+refused. A NaN or inf loss or gradient stops the run with an error naming the step, before that step is applied or
+saved (``--stop_on_non_finite false`` lets it go on). ``--resume_from_checkpoint last`` takes the newest complete
+checkpoint; a resume missing optimizer, scheduler, RNG or EMA state is refused unless ``--allow_fresh_optimizer``.
 """
 
 from __future__ import annotations
@@ -28,15 +33,28 @@ from transformers import HfArgumentParser, Trainer, set_seed
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification, ConvNextV2ImageProcessor
 from convnextv2_hf.configuration_convnextv2 import PRESETS
 from convnextv2_hf.metrics import load_top_k_accuracy
-from convnextv2_hf.recipes import FINETUNE_HEAD_INIT_STD, FinetuneTrainingArguments, create_model_card
+from convnextv2_hf.recipes import (
+    FINETUNE_HEAD_INIT_STD,
+    FinetuneTrainingArguments,
+    check_finite_arguments,
+    check_range,
+    create_model_card,
+)
 from convnextv2_hf.training import (
     EMACallback,
+    StopOnNonFiniteCallback,
+    check_checkpoint_fits,
     finish_distributed_run,
     layer_decay_optimizer,
     resume_checkpoint,
     setup_script_logging,
 )
-from convnextv2_hf.transforms import MixUpCutMixCollator, finetuning_transform, with_image_transform
+from convnextv2_hf.transforms import (
+    MixUpCutMixCollator,
+    check_output_outside_data,
+    finetuning_transform,
+    with_image_transform,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,18 +87,26 @@ class DataArguments:
 def parse_arguments(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, FinetuneTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    check_arguments(model_args, data_args)
+    check_arguments(model_args, data_args, training_args)
     return model_args, data_args, training_args
 
 
-def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args=None) -> None:
+    """``ValueError`` naming the flag, before any data or weights are read and before anything is written (the
+    training arguments check themselves when parsed)."""
+    check_finite_arguments(model_args, data_args)
     if model_args.model_name_or_path is None and model_args.model_size not in PRESETS:
         raise ValueError(f"unknown model size {model_args.model_size!r}; choose one of {list(PRESETS)}")
-    if not model_args.head_init_std > 0:
-        raise ValueError(f"head_init_std must be > 0, got {model_args.head_init_std}")
+    check_range("head_init_std", model_args.head_init_std, 0, low_open=True)
+    check_range("validation_fraction", data_args.validation_fraction, 0, 1, low_open=True, high_open=True)
+    check_range("image_size", data_args.image_size, 32)  # the encoder's total stride
+    check_range("rand_augment_magnitude", data_args.rand_augment_magnitude, 0, 30)  # torchvision's 31 bins
     sources = [data_args.train_dir, data_args.data_dir, data_args.dataset_name]
     if sum(source is not None for source in sources) != 1:
         raise ValueError("give exactly one of --train_dir, --data_dir and --dataset_name")
+    if training_args is not None:
+        data = {name: getattr(data_args, name) for name in ("train_dir", "validation_dir", "data_dir", "dataset_name")}
+        check_output_outside_data(training_args.output_dir, data)
 
 
 def load_splits(data_args: DataArguments, seed: int):
@@ -89,18 +115,27 @@ def load_splits(data_args: DataArguments, seed: int):
 
     from convnextv2_hf.transforms import image_folder_dataset
 
+    # labels are kept even for a single class folder, so that it is named below (not a missing 'label' column)
     if data_args.dataset_name is not None:
         splits = load_dataset(data_args.dataset_name)
     elif data_args.data_dir is not None:
-        splits = image_folder_dataset(data_args.data_dir)
+        splits = image_folder_dataset(data_args.data_dir, drop_labels=False)
     else:
-        splits = DatasetDict(train=image_folder_dataset(data_args.train_dir)["train"])
+        splits = DatasetDict(train=image_folder_dataset(data_args.train_dir, drop_labels=False)["train"])
         if data_args.validation_dir is not None:
             # labels kept even for a single class folder, so that a class set unlike train's is named below
             splits["validation"] = image_folder_dataset(data_args.validation_dir, drop_labels=False)["train"]
     train = splits["train"]
     validation = splits.get("validation") or splits.get("test")
+    source = data_args.dataset_name or data_args.data_dir or data_args.train_dir
+    label_feature = train.features.get(data_args.label_column)
+    if label_feature is not None and len(getattr(label_feature, "names", None) or [0, 1]) < 2:
+        raise ValueError(
+            f"the training images of {source!r} form one class {label_feature.names}: fine-tuning needs at least two "
+            "(one sub-folder per class)"
+        )
     if validation is None:
+        check_stratified_split(train, data_args.label_column, data_args.validation_fraction)
         parts = train.train_test_split(
             test_size=data_args.validation_fraction, seed=seed, stratify_by_column=data_args.label_column
         )
@@ -122,6 +157,31 @@ def load_splits(data_args: DataArguments, seed: int):
         if missing:
             raise ValueError(f"class(es) {missing} have no image in the {name} split")
     return train, validation, names
+
+
+def check_stratified_split(train, label_column: str, fraction: float) -> None:
+    """``ValueError`` naming the classes when ``--validation_fraction`` cannot hold out every class while keeping
+    every class in training: each needs 2 images, and each side of the split at least one image per class."""
+    import math
+    from collections import Counter
+
+    if label_column not in train.column_names:
+        return  # named by the column check of load_splits
+    counts = Counter(train[label_column])
+    names = getattr(train.features[label_column], "names", None) or sorted(counts)
+    few = {names[label] if isinstance(label, int) else label: n for label, n in sorted(counts.items()) if n < 2}
+    if few:
+        raise ValueError(
+            f"class(es) {few} (images per class) have fewer than 2 training images: a stratified validation split "
+            "needs at least one on each side; add images, or give --validation_dir"
+        )
+    held_out = math.ceil(fraction * len(train))
+    if held_out < len(counts) or len(train) - held_out < len(counts):
+        raise ValueError(
+            f"--validation_fraction {fraction} of {len(train)} training images holds out {held_out} and keeps "
+            f"{len(train) - held_out}; a stratified split needs at least one image of each of the {len(counts)} "
+            "classes on each side: change --validation_fraction, or give --validation_dir"
+        )
 
 
 def build_model(model_args: ModelArguments, labels: list[str], drop_path_rate: float):
@@ -147,8 +207,9 @@ def build_model(model_args: ModelArguments, labels: list[str], drop_path_rate: f
     return model
 
 
-def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args) -> Trainer:
-    """The model, data, collator, optimizer and callbacks of the (recipe-resolved) arguments, in a Trainer."""
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args, resume: str | None = None):
+    """The model, data, collator, optimizer and callbacks of the (recipe-resolved) arguments, in a Trainer.
+    ``resume``: the checkpoint the run will resume from, checked against the model before the Trainer exists."""
     training_args.remove_unused_columns = False
     set_seed(training_args.seed)
 
@@ -177,6 +238,8 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
     )
 
     model = build_model(model_args, labels, training_args.drop_path_rate)
+    if resume is not None:
+        check_checkpoint_fits(resume, model)  # another task or size: named before the output folder is created
     collator = MixUpCutMixCollator(
         num_labels=len(labels),
         mixup_alpha=training_args.mixup,
@@ -189,7 +252,9 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
         logits, references = prediction
         return metric.compute(predictions=np.asarray(logits), references=np.asarray(references), k=5)
 
-    callbacks = [EMACallback(training_args.ema_decay)] if training_args.ema_decay > 0 else None
+    callbacks = [StopOnNonFiniteCallback()] if training_args.stop_on_non_finite else []
+    if training_args.ema_decay > 0:
+        callbacks.append(EMACallback(training_args.ema_decay, allow_fresh_start=training_args.allow_fresh_optimizer))
     return Trainer(
         model=model,
         args=training_args,
@@ -209,12 +274,12 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(argv)
     setup_script_logging(training_args, logger)
     logger.info("effective training hyper-parameters\n" + training_args.recipe_report())
-    resume = resume_checkpoint(training_args)  # True/last -> the newest checkpoint; a bad one stops us here
-    trainer = build_trainer(model_args, data_args, training_args)
+    resume = resume_checkpoint(training_args)  # True/last -> the newest complete checkpoint; a bad one stops us here
+    trainer = build_trainer(model_args, data_args, training_args, resume)
     model, validation = trainer.model, trainer.eval_dataset
     ema = next((callback for callback in trainer.callback_handler.callbacks if isinstance(callback, EMACallback)), None)
 
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=ema.resume_from(resume) if ema is not None else resume)
     metrics = trainer.evaluate(eval_dataset=validation, metric_key_prefix="eval")
     if ema is not None:
         trained = {k: v.clone() for k, v in model.state_dict().items()}

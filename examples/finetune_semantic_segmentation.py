@@ -18,6 +18,11 @@ the backbone's output norms start from random weights. Layer-wise lr decay gives
 official layer ids and the heads scale 1.0. Mean IoU comes from ``convnextv2_hf.metrics`` (no Hub access). The
 saved folder reloads with transformers alone: ``UperNetForSemanticSegmentation.from_pretrained(output_dir)``
 and ``AutoImageProcessor.from_pretrained(output_dir)`` (a ``SegformerImageProcessor``).
+
+Long runs: every numeric flag is checked when parsed, and an ``--output_dir`` that overlaps a data folder is
+refused. A NaN or inf loss or gradient stops the run with an error naming the step, before that step is applied or
+saved (``--stop_on_non_finite false`` lets it go on). ``--resume_from_checkpoint last`` takes the newest complete
+checkpoint; a resume missing optimizer, scheduler or RNG state is refused unless ``--allow_fresh_optimizer``.
 """
 
 from __future__ import annotations
@@ -45,15 +50,17 @@ from transformers.utils import logging
 from convnextv2_hf import ConvNextV2Config
 from convnextv2_hf.configuration_convnextv2 import PRESETS
 from convnextv2_hf.metrics import MeanIoU
-from convnextv2_hf.recipes import check_training_values
+from convnextv2_hf.recipes import CheckedTrainingArguments, check_finite_arguments, check_range
 from convnextv2_hf.training import (
     LAYER_DECAY_TYPES,
+    StopOnNonFiniteCallback,
+    check_checkpoint_fits,
     check_safetensors_files,
     finish_distributed_run,
     layer_decay_optimizer,
     resume_checkpoint,
 )
-from convnextv2_hf.transforms import IMAGE_EXTENSIONS
+from convnextv2_hf.transforms import IMAGE_EXTENSIONS, check_file_names, check_output_outside_data
 
 logger = logging.get_logger(__name__)
 
@@ -95,25 +102,26 @@ class DataArguments:
 
 
 @dataclass
-class SegmentationTrainingArguments(TrainingArguments):
+class SegmentationTrainingArguments(CheckedTrainingArguments):
     """``TrainingArguments`` with defaults for fine-tuning a pretrained backbone under UperNet (AdamW at 1e-4 with
-    weight decay 0.05 and a polynomial schedule, as the ConvNeXt segmentation setups use)."""
+    weight decay 0.05 and a polynomial schedule, as the ConvNeXt segmentation setups use), checked when parsed."""
 
     learning_rate: float = field(default=1e-4, metadata={"help": "peak lr of the heads; blocks get layer decay"})
     weight_decay: float = field(default=0.05, metadata={"help": "not on biases, norms and GRN parameters"})
     lr_scheduler_type: str = field(default="polynomial", metadata={"help": "transformers scheduler name"})
 
-    def __post_init__(self):
-        check_training_values(self)  # a negative lr or a zero batch named when parsed, not deep in training
-        super().__post_init__()
 
-
-def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> None:
-    """``ValueError`` for arguments that cannot work, before any data or weights are read."""
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args=None) -> None:
+    """``ValueError`` for arguments that cannot work, before any data or weights are read and anything is written
+    (the training arguments check themselves when parsed)."""
+    check_finite_arguments(model_args, data_args)
     if model_args.model_name_or_path is None and model_args.model_size not in PRESETS:
         raise ValueError(f"unknown model size {model_args.model_size!r}; choose one of {list(PRESETS)}")
-    if not 0.0 < model_args.layer_decay <= 1.0:
-        raise ValueError(f"layer_decay must be in (0, 1], got {model_args.layer_decay}")
+    check_range("layer_decay", model_args.layer_decay, 0, 1, low_open=True)
+    check_range("drop_path_rate", model_args.drop_path_rate, 0, 1, high_open=True)
+    check_range("decoder_hidden_size", model_args.decoder_hidden_size, 1)
+    check_range("auxiliary_loss_weight", model_args.auxiliary_loss_weight, 0)
+    check_range("auxiliary_channels", model_args.auxiliary_channels, 1)
     if (data_args.train_dir is None) == (data_args.dataset_name is None):
         raise ValueError("give exactly one of --train_dir and --dataset_name")
     if data_args.validation_dir is not None and data_args.train_dir is None:
@@ -121,11 +129,12 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments) -> Non
     stride = ConvNextV2Config().total_stride  # the encoder's: every stage keeps at least one position from here on
     if data_args.image_size < stride:
         raise ValueError(f"image_size must be at least the total stride {stride}, got {data_args.image_size}")
-    if not 0.0 < data_args.min_scale <= 1.0:
-        raise ValueError(f"min_scale must be in (0, 1], got {data_args.min_scale}")
-    if not 0.0 < data_args.validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {data_args.validation_fraction}")
+    check_range("min_scale", data_args.min_scale, 0, 1, low_open=True)
+    check_range("validation_fraction", data_args.validation_fraction, 0, 1, low_open=True, high_open=True)
     classes_of(data_args)
+    if training_args is not None:
+        data = {name: getattr(data_args, name) for name in ("train_dir", "validation_dir", "dataset_name")}
+        check_output_outside_data(training_args.output_dir, data)
 
 
 def classes_of(data_args: DataArguments) -> list[str]:
@@ -159,10 +168,13 @@ def pair_folder_dataset(folder: str, image_column: str, annotation_column: str):
     from datasets import Dataset
 
     root = Path(folder)
+    if root.is_file():
+        raise ValueError(f"{str(root)!r} is a file; give a folder with images/ and masks/ sub-folders")
     image_dir, mask_dir = root / "images", root / "masks"
     for path in (image_dir, mask_dir):
         if not path.is_dir():
             raise ValueError(f"{str(root)!r} needs images/ and masks/ sub-folders; {str(path)!r} is missing")
+    check_file_names(root)  # a name that is not valid UTF-8 would fail deep inside datasets
     images = {p.stem: p for p in sorted(image_dir.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
     masks = {p.stem: p for p in sorted(mask_dir.iterdir()) if p.is_file() and not p.name.startswith(".")}
     if not images:
@@ -399,7 +411,7 @@ def build_model(
 def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, SegmentationTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    check_arguments(model_args, data_args)
+    check_arguments(model_args, data_args, training_args)
     names = classes_of(data_args)
     resume = resume_checkpoint(training_args)  # a bad checkpoint stops us before training
     training_args.remove_unused_columns = False  # the transforms read the image and annotation columns
@@ -411,6 +423,8 @@ def main(argv: list[str] | None = None) -> dict:
     train.set_transform(segmentation_transform(data_args, len(names), train=True))
     validation.set_transform(segmentation_transform(data_args, len(names), train=False))
     model, _ = build_model(model_args, names, data_args.ignore_index)
+    if resume is not None:
+        check_checkpoint_fits(resume, model)  # another task or size: named before the output folder is created
 
     def predicted_ids(logits, labels):  # keep (N, H, W) class ids, not (N, K, H, W) logits, per batch
         return logits.argmax(dim=1)
@@ -427,6 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer_cls_and_kwargs=layer_decay_optimizer(
             model, training_args, model_args.layer_decay, model_args.layer_decay_type
         ),
+        callbacks=[StopOnNonFiniteCallback()] if training_args.stop_on_non_finite else None,
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate()

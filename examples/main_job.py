@@ -7,9 +7,13 @@
 4. Save a Hub-ready folder (safetensors, config, processor, model card), reload it with
    ``pipeline("image-classification")`` and print predictions.
 
-    python examples/main_job.py [--output_dir outputs/main_job] [--quick]
+    python examples/main_job.py [--output_dir outputs/main_job] [--quick] [--bf16_autocast auto|on|off] [--seed 0]
 
 ``--quick`` runs a much shorter schedule (for the test suite); the accuracy target is for the full run.
+``--bf16_autocast``: pretraining and fine-tuning under bf16 autocast (the Trainer's ``--bf16``). ``auto`` (the
+default) uses it only on a CPU with native bf16 (AMX-BF16 or AVX512-BF16), where it can be faster; elsewhere torch
+emulates bf16, slower than fp32, and the job runs in fp32. Whether bf16 keeps the held-out accuracy (within 0.5
+points over two seeds) and is faster on such a CPU is not measured yet: BENCHMARKS.md, "The main job in bf16".
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_image_classification  # noqa: E402
 import pretrain_fcmae  # noqa: E402
 
+from convnextv2_hf.fast_paths_convnextv2 import native_bf16_cpu  # noqa: E402
+
 IMAGE_SIZE = 64
 
 
@@ -35,6 +41,21 @@ IMAGE_SIZE = 64
 class MainJobArguments:
     output_dir: str = field(default="outputs/main_job", metadata={"help": "where the data and models go"})
     quick: bool = field(default=False, metadata={"help": "a short schedule, for tests"})
+    seed: int = field(default=0, metadata={"help": "the training seed (the data split stays seed 0)"})
+    bf16_autocast: str = field(
+        default="auto",
+        metadata={
+            "help": "bf16 autocast in pretraining and fine-tuning: auto (only on a CPU with native bf16), on, off",
+            "choices": ["auto", "on", "off"],
+        },
+    )
+
+
+def use_bf16_autocast(setting: str) -> bool:
+    """``--bf16_autocast``: ``auto`` is on only where the CPU has native bf16 (``native_bf16_cpu``)."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"--bf16_autocast must be auto, on or off, got {setting!r}")
+    return native_bf16_cpu() if setting == "auto" else setting == "on"
 
 
 def write_digits(root: Path, image_size: int, validation_fraction: float = 0.2, seed: int = 0) -> dict[str, int]:
@@ -57,19 +78,21 @@ def write_digits(root: Path, image_size: int, validation_fraction: float = 0.2, 
     return {"train": len(train_ids), "validation": len(validation_ids)}
 
 
-def common_arguments(output_dir: Path, epochs: float, batch: int) -> list[str]:
-    return [
+def common_arguments(output_dir: Path, epochs: float, batch: int, bf16: bool = False, seed: int = 0) -> list[str]:
+    return (["--bf16", "true"] if bf16 else []) + [
         "--output_dir", str(output_dir), "--num_train_epochs", str(epochs), "--per_device_train_batch_size",
         str(batch), "--per_device_eval_batch_size", "128", "--use_cpu", "--report_to", "none",
-        "--save_strategy", "no", "--logging_steps", "20", "--seed", "0", "--dataloader_num_workers", "0",
+        "--save_strategy", "no", "--logging_steps", "20", "--seed", str(seed), "--dataloader_num_workers", "0",
         "--disable_tqdm", "true", "--image_size", str(IMAGE_SIZE),
     ]  # fmt: skip
 
 
-def finetune(output_dir: Path, data_dir: Path, model: list[str], epochs: float) -> dict:
+def finetune(
+    output_dir: Path, data_dir: Path, model: list[str], epochs: float, bf16: bool = False, seed: int = 0
+) -> dict:
     return finetune_image_classification.main(
         [
-            *common_arguments(output_dir, epochs, 32), "--data_dir", str(data_dir), *model,
+            *common_arguments(output_dir, epochs, 32, bf16, seed), "--data_dir", str(data_dir), *model,
             "--recipe", "atto", "--learning_rate", "2e-3", "--warmup_steps", "0.1", "--lr_scheduler_type", "cosine",
             "--weight_decay", "0.05", "--horizontal_flip", "false", "--rand_augment_magnitude", "5",
             "--random_erasing", "0", "--ema_decay", "0", "--eval_strategy", "no",
@@ -81,7 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(MainJobArguments).parse_args_into_dataclasses(args=argv)
     output = Path(args.output_dir)
     pretrain_epochs, finetune_epochs = (0.5, 0.5) if args.quick else (10, 8)
+    bf16 = use_bf16_autocast(args.bf16_autocast)
     started = time.perf_counter()
+    if bf16:
+        why = "asked for" if args.bf16_autocast == "on" else "this CPU has native bf16; --bf16_autocast off for fp32"
+        print(f"[0] training under bf16 autocast ({why})")
 
     data_dir = output / "digits"
     if not (data_dir / "train").exists():
@@ -90,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
 
     pretrain_fcmae.main(
         [
-            *common_arguments(output / "fcmae", pretrain_epochs, 64), "--train_dir", str(data_dir / "train"),
+            *common_arguments(output / "fcmae", pretrain_epochs, 64, bf16, args.seed),
+            "--train_dir", str(data_dir / "train"),
             "--model_size", "atto", "--mask_ratio", "0.5", "--decoder_hidden_size", "256",
             "--learning_rate", "2e-3", "--warmup_steps", "0.1", "--lr_scheduler_type", "cosine",
             "--weight_decay", "0.05", "--reconstruction_every", "0",
@@ -100,9 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[2] FCMAE pretraining done in {pretrain_seconds:.0f}s")
 
     pretrained = finetune(
-        output / "classifier", data_dir, ["--model_name_or_path", str(output / "fcmae")], finetune_epochs
+        output / "classifier", data_dir, ["--model_name_or_path", str(output / "fcmae")], finetune_epochs, bf16,
+        args.seed,
     )
-    scratch = finetune(output / "classifier_from_scratch", data_dir, ["--model_size", "atto"], finetune_epochs)
+    scratch = finetune(
+        output / "classifier_from_scratch", data_dir, ["--model_size", "atto"], finetune_epochs, bf16, args.seed
+    )
     best = "eval_accuracy"
 
     from transformers import pipeline
@@ -118,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         "held_out_accuracy_fcmae_pretrained": pretrained[best],
         "held_out_accuracy_random_init": scratch[best],
         "metric": best,
+        "bf16_autocast": bf16,
         "seconds": round(elapsed),
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -15,6 +15,11 @@ of the uninterrupted one.
 ``min_lr`` 0, ``lr = 1.5e-4 * total batch / 256``, AdamW betas (0.9, 0.95), weight decay 0.05 (not on biases,
 1-D parameters, GRN gamma/beta or the mask token). Any flag given explicitly wins over the recipe. Reconstruction
 grids are written to ``<output_dir>/reconstructions``.
+
+Long runs: every numeric flag is checked when parsed, and an ``--output_dir`` that overlaps a data folder is
+refused. A NaN or inf loss or gradient stops the run with an error naming the step, before that step is applied or
+saved (``--stop_on_non_finite false`` lets it go on). ``--resume_from_checkpoint last`` takes the newest complete
+checkpoint; a resume missing optimizer, scheduler or RNG state is refused unless ``--allow_fresh_optimizer``.
 """
 
 from __future__ import annotations
@@ -28,11 +33,19 @@ from transformers import HfArgumentParser, Trainer, set_seed
 
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForMaskedImageModeling, ConvNextV2ImageProcessor
 from convnextv2_hf.configuration_convnextv2 import PRESETS
-from convnextv2_hf.recipes import PRETRAIN_MODEL, PretrainTrainingArguments, create_model_card
+from convnextv2_hf.recipes import (
+    PRETRAIN_MODEL,
+    PretrainTrainingArguments,
+    check_finite_arguments,
+    check_range,
+    create_model_card,
+)
 from convnextv2_hf.training import (
     FCMAECollator,
     FCMAEMaskEpochCallback,
     FCMAEReconstructionCallback,
+    StopOnNonFiniteCallback,
+    check_checkpoint_fits,
     fcmae_loss,
     finish_distributed_run,
     resume_checkpoint,
@@ -40,6 +53,7 @@ from convnextv2_hf.training import (
     skips_weight_decay,
 )
 from convnextv2_hf.transforms import (
+    check_output_outside_data,
     fcmae_evaluation_transform,
     fcmae_pretraining_transform,
     image_folder_dataset,
@@ -97,6 +111,15 @@ def parse_arguments(argv: list[str] | None = None):
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
+    """``ValueError`` naming the flag, before any data or weights are read and before anything is written (the
+    training arguments check themselves when parsed)."""
+    check_finite_arguments(model_args, data_args)
+    for name in ("decoder_hidden_size", "decoder_depth"):
+        if getattr(model_args, name) is not None:
+            check_range(name, getattr(model_args, name), 1)
+    check_range("image_size", data_args.image_size, 1)
+    check_range("shuffle_buffer_size", data_args.shuffle_buffer_size, 1)
+    check_range("reconstruction_every", data_args.reconstruction_every, 0)
     if model_args.model_name_or_path is None and model_args.model_size not in PRESETS:
         raise ValueError(f"unknown model size {model_args.model_size!r}; choose one of {list(PRESETS)}")
     if (data_args.train_dir is None) == (data_args.dataset_name is None):
@@ -107,8 +130,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         config = ConvNextV2Config.from_preset(model_args.model_size, **model_fields(model_args))
         FCMAECollator(config, data_args.image_size)
     fraction = data_args.validation_split_fraction
-    if fraction is not None and not 0.0 < fraction < 1.0:
-        raise ValueError(f"validation_split_fraction must be in (0, 1), got {fraction}")
+    if fraction is not None:
+        check_range("validation_split_fraction", fraction, 0, 1, low_open=True, high_open=True)
     if fraction is not None and data_args.validation_dir is not None:
         raise ValueError("give one of --validation_dir and --validation_split_fraction, not both")
     if data_args.streaming:
@@ -117,21 +140,23 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         if fraction is not None:
             raise ValueError("--validation_split_fraction needs the dataset's length; with --streaming give "
                              "--validation_dir or use the dataset's own validation split")  # fmt: skip
+    data = {name: getattr(data_args, name) for name in ("train_dir", "validation_dir", "dataset_name")}
+    check_output_outside_data(training_args.output_dir, data)
 
 
 def load_splits(data_args: DataArguments, seed: int):
     """(train, validation or None) ``datasets`` splits, images not yet decoded or transformed."""
     from datasets import load_dataset
 
-    if data_args.train_dir is not None:
-        splits = image_folder_dataset(data_args.train_dir, streaming=data_args.streaming)
+    if data_args.train_dir is not None:  # labels ignored: class folders need not hold images
+        splits = image_folder_dataset(data_args.train_dir, streaming=data_args.streaming, drop_labels=True)
     else:
         splits = load_dataset(data_args.dataset_name, data_args.dataset_config_name, streaming=data_args.streaming)
     if "train" not in splits:
         raise ValueError(f"the data has no train split (splits: {list(splits)})")
     train, validation = splits["train"], splits.get("validation")
     if data_args.validation_dir is not None:
-        validation = image_folder_dataset(data_args.validation_dir)["train"]
+        validation = image_folder_dataset(data_args.validation_dir, drop_labels=True)["train"]
     elif data_args.validation_split_fraction is not None:
         if validation is not None:
             raise ValueError("the data has its own validation split; drop --validation_split_fraction")
@@ -212,7 +237,9 @@ def adamw_with_weight_decay_exclusions(model: torch.nn.Module, training_args) ->
     return torch.optim.AdamW, kwargs
 
 
-def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args) -> Trainer:
+def build_trainer(model_args: ModelArguments, data_args: DataArguments, training_args, resume: str | None = None):
+    """The FCMAE model, data, collator, optimizer and callbacks in a Trainer. ``resume``: the checkpoint the run will
+    resume from, checked against the model before the Trainer (which creates the output folder) exists."""
     training_args.remove_unused_columns = False  # the collator reads `index`, which no forward takes
     if training_args.label_names is None:
         # the collator's `labels` (the mask) make the Trainer compute eval_loss through fcmae_loss
@@ -224,6 +251,8 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
 
     train, validation = build_datasets(data_args, training_args)
     model = build_model(model_args)
+    if resume is not None:
+        check_checkpoint_fits(resume, model)  # e.g. a classifier's checkpoint: named before anything is written
     collator = FCMAECollator(model.config, data_args.image_size, seed=data_seed(training_args))
     reconstructions = FCMAEReconstructionCallback(
         preview_pixels(train, validation), every_steps=data_args.reconstruction_every
@@ -236,7 +265,8 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
         data_collator=collator,
         compute_loss_func=fcmae_loss,
         optimizer_cls_and_kwargs=adamw_with_weight_decay_exclusions(model, training_args),
-        callbacks=[FCMAEMaskEpochCallback(collator), reconstructions],
+        callbacks=[FCMAEMaskEpochCallback(collator), reconstructions]
+        + ([StopOnNonFiniteCallback()] if training_args.stop_on_non_finite else []),
     )
 
 
@@ -244,8 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_arguments(argv)
     setup_script_logging(training_args, logger)
     logger.info("effective training hyper-parameters\n" + training_args.recipe_report())
-    resume = resume_checkpoint(training_args)  # True/last -> the newest checkpoint; a bad one stops us here
-    trainer = build_trainer(model_args, data_args, training_args)
+    resume = resume_checkpoint(training_args)  # True/last -> the newest complete checkpoint; a bad one stops us here
+    trainer = build_trainer(model_args, data_args, training_args, resume)
 
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()

@@ -42,6 +42,9 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "device: runs on the device given by --device (cpu by default)")
+    config.addinivalue_line(
+        "markers", "slow: compiles, exports, starts processes or runs whole scripts; `make test-fast` leaves it out"
+    )
     value = config.getoption("--device")
     try:
         device = torch.device(value)

@@ -77,6 +77,7 @@ SINGLE_PROCESS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "per_device_batch", "micro_batches"), SINGLE_PROCESS)
 def test_accumulated_step_equals_the_whole_batch_step(tmp_path, whole_batch, case, per_device_batch, micro_batches):
     accumulated, sizes = steps.trainer_update(steps.CASES[case], 6, per_device_batch, 2, str(tmp_path))
@@ -103,6 +104,7 @@ def two_process_updates(tmp_path_factory) -> dict[str, torch.Tensor]:
     return load_file(folder / "updates.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "run"), steps.distributed_cases())
 def test_two_processes_equal_one_process_on_the_whole_batch(two_process_updates, whole_batch, case, run):
     count = steps.DISTRIBUTED_RUNS[run][0]

@@ -100,6 +100,7 @@ def run_without_package(script: str, tmp_path) -> dict:
     return json.loads(last_line[last_line.index("{") :])
 
 
+@pytest.mark.slow
 def test_our_checkpoints_load_with_stock_transformers_alone(tmp_path):
     torch.manual_seed(0)
     pixels = torch.randn(2, 3, 64, 96)
@@ -137,6 +138,7 @@ def test_our_checkpoints_load_with_stock_transformers_alone(tmp_path):
     assert torch.allclose(torch.tensor(got["maps"]), torch.stack([m.sum() for m in expected_maps]), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_remote_code_loads_our_classes_where_the_package_is_absent(tmp_path):
     pixels = torch.randn(2, 3, 64, 64)
     noise = torch.rand(2, 4)
@@ -212,6 +214,7 @@ def test_package_version_is_exposed():
     assert convnextv2_hf.__version__.count(".") == 2
 
 
+@pytest.mark.slow
 def test_builtin_modeling_imported_after_ours_logs_no_docstring_error():
     # transformers builds the built-in classes' docstrings from the registered config's docstring; ours must name
     # a checkpoint the way it expects, or every import of the built-in modeling prints an "[ERROR]" line
@@ -219,3 +222,40 @@ def test_builtin_modeling_imported_after_ours_logs_no_docstring_error():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "No checkpoint found" not in run.stdout + run.stderr
+
+
+def test_loading_checks_travel_with_the_remote_code(tmp_path):
+    """The weight, shard-index and size checks live in the files that travel as remote code: they hold where the
+    package is absent, through trust_remote_code."""
+    from safetensors.torch import load_file, save_file
+
+    ConvNextV2ForMaskedImageModeling(tiny_config()).save_pretrained(tmp_path / "int8")
+    state = load_file(str(tmp_path / "int8" / "model.safetensors"))
+    state["mask_token"] = state["mask_token"].to(torch.int8)
+    save_file(state, str(tmp_path / "int8" / "model.safetensors"), metadata={"format": "pt"})
+    ConvNextV2ForMaskedImageModeling(tiny_config()).save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    index_path = tmp_path / "sharded" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"] = {key: "../outside.safetensors" for key in index["weight_map"]}
+    index_path.write_text(json.dumps(index))
+    ConvNextV2ForMaskedImageModeling(tiny_config()).save_pretrained(tmp_path / "deep")
+    config = json.loads((tmp_path / "deep" / "config.json").read_text())
+    config.update(depths=[2, 2, 20000, 2], hidden_sizes=[96, 192, 384, 768])
+    (tmp_path / "deep" / "config.json").write_text(json.dumps(config))
+    got = run_without_package(
+        """
+        from transformers import AutoModelForMaskedImageModeling
+        errors = {}
+        for folder in ("int8", "sharded", "deep"):
+            try:
+                AutoModelForMaskedImageModeling.from_pretrained(folder, trust_remote_code=True)
+                errors[folder] = None
+            except ValueError as error:
+                errors[folder] = str(error)
+        print(json.dumps(errors))
+        """,
+        tmp_path,
+    )
+    assert "stores the tensor 'mask_token' as I8" in got["int8"]
+    assert "names the shard '../outside.safetensors', which is outside" in got["sharded"]
+    assert "beyond the bounds" in got["deep"] and "allow_large_model=True" in got["deep"]

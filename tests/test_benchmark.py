@@ -1,5 +1,7 @@
-"""The benchmark script runs end to end at tiny sizes (so it cannot rot); its ratios are output, not asserted."""
+"""The benchmark script runs end to end at tiny sizes (so it cannot rot); its ratios are output, not asserted. The
+native-bf16 detection it records is the one the main job's ``--bf16_autocast auto`` uses: tested here too."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -7,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from convnextv2_hf.fast_paths_convnextv2 import native_bf16_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,10 +21,11 @@ def test_benchmark_runs_every_group_and_writes_ratios(tmp_path):
     command = [
         sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--model", "atto", "--fcmae-model", "atto",
         "--image-size", "64", "--batch", "2", "--train-batch", "2", "--fcmae-batch", "2", "--warmup", "0",
-        "--repeats", "1", "--output", str(output), "--only", "infer", "train", "fcmae", "ablate",
+        "--repeats", "1", "--output", str(output), "--only", "infer", "train", "fcmae", "ablate", "--peak-size", "256",
+        "--vitmae", "tiny",
     ]  # fmt: skip
     result = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1")
+        command, capture_output=True, text=True, timeout=1200, env=dict(os.environ, HF_HUB_OFFLINE="1")
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {row["name"]: row for row in json.loads(output.read_text())["rows"]}
@@ -31,8 +37,42 @@ def test_benchmark_runs_every_group_and_writes_ratios(tmp_path):
     # through the config switch: every classifier fast path off in turn, then all of them
     expected |= {"ablate infer ours", "ablate infer ours, without grn_fold", "ablate train ours, without inplace_gelu"}
     expected |= {"ablate infer ours, no fast path", "ablate train ours, without fused_gelu_grn_linear"}
-    expected |= {"fcmae vitmae-base eager"}
+    expected |= {"fcmae vitmae-tiny eager"}
+    # issue 19's anchors in the same run: both classes with bf16 weights and under bf16 autocast (inference and the
+    # training step), the sparse FCMAE step under autocast, and the deployment runtimes on our ONNX export
+    for name in ("builtin", "ours"):
+        expected |= {f"infer {name} bf16-weights eager", f"infer {name} bf16-autocast eager"}
+        expected |= {f"train {name} bf16-weights eager", f"train {name} bf16-autocast eager"}
+    expected |= {"fcmae sparse bf16-autocast eager"}
+    document = json.loads(output.read_text())
+    runtimes = {"onnxruntime": "infer onnxruntime fp32 eager", "openvino": "infer openvino f32 eager"}
+    for module, row in runtimes.items():
+        if importlib.util.find_spec(module) is None:  # not installed: a note, not a failure
+            assert any(note.startswith(f"infer {module}: {module} not installed") for note in document["notes"])
+        else:
+            expected |= {row} | ({"infer openvino default eager"} if module == "openvino" else set())
     assert expected <= set(rows)
+    assert rows["infer ours bf16-weights eager"]["anchor"] == "infer builtin eager"
+    assert rows["fcmae sparse bf16-autocast eager"]["anchor"] == "fcmae sparse eager"
+    # the machine: CPU facts, the measured matmul peaks, and each case's share of the peak in its precision
+    machine = document["machine"]
+    assert machine["cpu"] and machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(machine["native_bf16"], bool) and len(machine["load_average"]) == 3
+    assert document["matmul_peak_gflops"]["fp32"] > 0 and document["matmul_peak_gflops"]["bf16"] > 0
+    ours = rows["infer ours eager"]
+    assert ours["precision"] == "fp32" and ours["gflop_per_image"] > 0
+    assert ours["share_of_peak"] == pytest.approx(
+        ours["gflop_per_image"] * ours["img_per_s"] / document["matmul_peak_gflops"]["fp32"]
+    )
+    assert rows["infer ours bf16-autocast eager"]["precision"] == "bf16"
+    if not machine["native_bf16"]:
+        assert any("no native bf16" in note for note in document["notes"])
+    # top-1 agreement with fp32 and the largest logit error on eight photos, bf16 weights and autocast
+    for case in ("bf16 weights", "bf16 autocast"):
+        figures = document["agreement"][case]
+        assert figures["images"] == 8 and 0 <= figures["top1_agreement"] <= 8
+        assert 0 < figures["max_abs_logit_error"] < figures["max_abs_logit"]
+        assert f"{case} against fp32 on 8 photos" in result.stdout
     assert all(row["img_per_s"] > 0 for row in rows.values())
     sparse = rows["fcmae sparse eager"]
     assert sparse["ratio"] > 0 and sparse["anchor"] == "fcmae dense eager"
@@ -40,7 +80,7 @@ def test_benchmark_runs_every_group_and_writes_ratios(tmp_path):
     assert all(row["peak_gb"] > 0 for row in rows.values())
     assert 0 < sparse["memory_ratio"] < 1
     assert "ratio" in result.stdout and "fcmae sparse eager" in result.stdout
-    assert "fcmae sparse eager against fcmae vitmae-base eager" in result.stdout
+    assert "fcmae sparse eager against fcmae vitmae-tiny eager" in result.stdout
 
 
 def load_benchmark_module():
@@ -82,9 +122,56 @@ def test_time_budget_skips_what_would_start_after_it_and_still_writes_the_json(t
         (["--device", "meta"], "only cpu and cuda are measured"),
         (["--device", "nope"], "is not a device"),
         (["--only", "infer", "speed"], "unknown group(s) ['speed']"),
+        (["--peak-size", "0"], "--peak-size must be >= 1"),
+        (["--ablate-precisions", "fp8"], "invalid choice: 'fp8'"),
     ],
 )
 def test_bad_arguments_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         load_benchmark_module().parse_args(args)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_main_job_uses_bf16_autocast_only_where_the_cpu_has_native_bf16(monkeypatch):
+    # the CPU's instructions cannot be changed in a test: the detection is patched (a stand-in for an AMX machine)
+    sys.path.insert(0, str(ROOT / "examples"))
+    import main_job
+    from transformers import HfArgumentParser
+
+    for native in (False, True):
+        monkeypatch.setattr(main_job, "native_bf16_cpu", lambda native=native: native)
+        assert main_job.use_bf16_autocast("auto") is native
+        assert main_job.use_bf16_autocast("off") is False and main_job.use_bf16_autocast("on") is True
+    with pytest.raises(ValueError, match="--bf16_autocast must be auto, on or off"):
+        main_job.use_bf16_autocast("sometimes")
+    (args,) = HfArgumentParser(main_job.MainJobArguments).parse_args_into_dataclasses(args=["--bf16_autocast", "off"])
+    assert args.bf16_autocast == "off"
+    assert HfArgumentParser(main_job.MainJobArguments).parse_args_into_dataclasses(args=[])[0].bf16_autocast == "auto"
+    # on: the Trainer's --bf16 reaches both scripts' arguments; off (this machine's auto): the fp32 run, unchanged
+    on, off = main_job.common_arguments(Path("out"), 1, 8, bf16=True), main_job.common_arguments(Path("out"), 1, 8)
+    assert on[:2] == ["--bf16", "true"] and on[2:] == off and "--bf16" not in off
+
+
+def test_native_bf16_detection_agrees_with_the_cpu_flags():
+    # torch's own checks (AMX tiles, AVX512-BF16) against the kernel's list of CPU flags, where Linux gives one
+    benchmark = load_benchmark_module()
+    flags = benchmark.cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    assert native_bf16_cpu() == bool({"amx_bf16", "avx512_bf16"} & flags)
+    facts = benchmark.machine_facts(torch.device("cpu"))
+    assert facts["native_bf16"] == native_bf16_cpu() and facts["cpu_capability"]
+    assert facts["amx_bf16"] == ("amx_bf16" in flags) and facts["threads"] == torch.get_num_threads()
+
+
+def test_a_runtime_that_is_not_installed_is_a_note_not_a_failure(monkeypatch, tmp_path):
+    # the deployment runtimes are an optional extra: without one, the benchmark says so and times the rest
+    benchmark = load_benchmark_module()
+    bench = benchmark.Bench(benchmark.parse_args(["--runtimes", "openvino", "--output", str(tmp_path / "r.json")]))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "openvino" else real_find_spec(name))
+    cases = benchmark.runtime_cases(bench, None, torch.zeros(1, 3, 64, 64), None)
+    assert cases == []
+    assert bench.notes == ["infer openvino: openvino not installed (pip install '.[deploy]')"]
+    assert benchmark.parse_args(["--device", "cpu"]).runtimes == ["onnxruntime", "openvino"]
+    assert benchmark.parse_args(["--runtimes"]).runtimes == []

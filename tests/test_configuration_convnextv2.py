@@ -6,7 +6,7 @@ import pytest
 import transformers
 from conftest import tiny_config
 
-from convnextv2_hf import PRESETS, ConvNextV2Config, ConvNextV2ForMaskedImageModeling
+from convnextv2_hf import PRESETS, ConvNextV2Config, ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
 
 
 def test_defaults_add_fcmae_fields_and_official_final_norm_eps():
@@ -353,3 +353,90 @@ def test_config_of_another_architecture_is_a_value_error(tmp_path):
     transformers.ConvNextConfig().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="another architecture \\(model_type='convnext'"):
         ConvNextV2Config.from_pretrained(tmp_path)
+
+
+# ---- id2label and label2id ----------------------------------------------------------------------------------------
+
+BAD_LABEL_MAPS = [
+    ({"id2label": {"0": 5}}, r"id2label values must be label names \(str\), but '0' maps to 5"),
+    ({"id2label": {"cat": "a"}}, r"id2label keys must be class indices .*not 'cat'"),
+    ({"id2label": ["a", "b"]}, r"id2label must be a dict from class index to label name, got a list"),
+    ({"id2label": {0: "a", 5: "b"}}, r"id2label must name the classes 0 .. 1 \(one per logit\), got the keys \[0, 5\]"),
+    ({"label2id": {"cat": "x"}}, r"label2id values must be class indices \(ints\), but 'cat' maps to 'x'"),
+    ({"label2id": {"cat": True}}, r"label2id values must be class indices"),
+    ({"label2id": {"a": 0, "b": 0}}, r"label2id\['a'\] = 0 but id2label\[0\] = '(b|LABEL_0)'"),
+    (
+        {"id2label": {0: "a", 1: "b"}, "label2id": {"a": 1, "b": 0}},
+        r"label2id and id2label disagree: label2id\['a'\] = 1 but id2label\[1\] = 'b'",
+    ),
+    ({"id2label": {0: "a", 1: "b"}, "label2id": {"a": 0}}, r"label2id lacks the labels \['b'\] of id2label"),
+    ({"id2label": {0: "a", 1: "b"}, "label2id": {"a": 0, "b": 1, "c": 2}}, r"label2id\['c'\] = 2 but id2label\[2\]"),
+]
+# maps a JSON file cannot hold (its keys are strings): refused at construction and in from_dict
+BAD_LABEL_MAPS_IN_PYTHON = [
+    ({"id2label": {0.5: "a"}}, r"id2label keys must be class indices .*not 0.5"),
+    ({"id2label": {0: "a", "0": "b"}}, r"id2label names a class twice"),
+    ({"label2id": {3: 0}}, r"label2id keys must be label names \(str\), not 3"),
+]
+
+
+@pytest.mark.parametrize(("fields", "message"), BAD_LABEL_MAPS + BAD_LABEL_MAPS_IN_PYTHON)
+def test_label_maps_of_the_wrong_type_or_inconsistent_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ConvNextV2Config(**fields)
+    with pytest.raises(ValueError, match=message):
+        ConvNextV2Config.from_dict({**ConvNextV2Config().to_dict(), **fields})
+
+
+@pytest.mark.parametrize(("fields", "message"), BAD_LABEL_MAPS)
+def test_label_maps_in_a_hand_edited_config_json_are_refused(fields, message, tmp_path):
+    ConvNextV2ForImageClassification(tiny_config(depths=[1, 1, 1, 1])).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved = {key: value for key, value in saved.items() if key not in ("id2label", "label2id")}
+    (tmp_path / "config.json").write_text(json.dumps({**saved, **fields}))
+    with pytest.raises(ValueError, match=message):
+        ConvNextV2Config.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        transformers.AutoModelForImageClassification.from_pretrained(tmp_path)
+
+
+def test_label_maps_that_agree_are_kept_and_repeated_names_are_allowed():
+    # ImageNet-1k names two classes "crane": label2id keeps one of them, which is consistent
+    config = tiny_config(num_labels=3, id2label={0: "crane", 1: "cat", 2: "crane"}, label2id={"crane": 2, "cat": 1})
+    assert (config.num_labels, config.id2label[0], config.label2id) == (3, "crane", {"crane": 2, "cat": 1})
+    from_file_keys = ConvNextV2Config(id2label={"0": "a", "1": "b"}, label2id={"a": 0, "b": 1})
+    assert from_file_keys.id2label == {0: "a", 1: "b"}
+
+
+def test_num_labels_must_count_the_named_classes_except_for_a_new_head_when_loading(tmp_path):
+    # transformers warns, then silently replaces the two names with five placeholders
+    assert transformers.ConvNextV2Config(num_labels=5, id2label={0: "a", 1: "b"}).id2label[0] == "LABEL_0"
+    with pytest.raises(ValueError, match=r"num_labels=5 does not match the 2 classes named by id2label"):
+        ConvNextV2Config(num_labels=5, id2label={0: "a", 1: "b"})
+    with pytest.raises(ValueError, match=r"num_labels=3 does not match the 2 classes named by label2id"):
+        ConvNextV2Config(num_labels=3, label2id={"a": 0, "b": 1})
+    # a saved classifier reloaded for a new head of another size: the saved names give way, as in transformers
+    ConvNextV2Config(id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1}).save_pretrained(tmp_path)
+    config = ConvNextV2Config.from_pretrained(tmp_path, num_labels=4)
+    assert (config.num_labels, config.label2id["LABEL_3"]) == (4, 3)
+    assert ConvNextV2Config.from_pretrained(tmp_path, num_labels=2).id2label == {0: "a", 1: "b"}
+
+
+def test_placeholder_label2id_beside_real_names_is_rebuilt_and_label2id_alone_names_the_classes():
+    config = ConvNextV2Config(id2label={0: "a", 1: "b"}, label2id={"LABEL_0": 0, "LABEL_1": 1})
+    assert config.label2id == {"a": 0, "b": 1}
+    # transformers would replace a label2id given alone with two placeholder classes
+    assert transformers.ConvNextV2Config(label2id={"a": 0, "b": 1, "c": 2}).num_labels == 2
+    alone = ConvNextV2Config(label2id={"a": 0, "b": 1, "c": 2})
+    assert (alone.num_labels, alone.id2label) == (3, {0: "a", 1: "b", 2: "c"})
+
+
+def test_update_checks_the_label_maps_together_and_assignment_checks_types():
+    config = tiny_config(num_labels=2)
+    with pytest.raises(ValueError, match=r"update\(\.\.\.\): label2id and id2label disagree"):
+        config.update({"id2label": {0: "x", 1: "y"}, "label2id": {"x": 1, "y": 0}})
+    assert config.id2label == {0: "LABEL_0", 1: "LABEL_1"}  # nothing changed
+    config.update({"id2label": {0: "x", 1: "y"}, "label2id": {"x": 0, "y": 1}})
+    assert config.label2id == {"x": 0, "y": 1}
+    with pytest.raises(ValueError, match=r"label2id values must be class indices"):
+        config.label2id = {"x": "0"}

@@ -359,7 +359,7 @@ def test_decoder_verification_masks_with_the_models_own_rule(monkeypatch):
         calls.append((tuple(noise.shape), mask_ratio, int(mask.sum())))
         return mask
 
-    monkeypatch.setattr(conversion_module, "draw_mask", recording_draw_mask)
+    monkeypatch.setattr(conversion_module.verification, "draw_mask", recording_draw_mask)  # where it is looked up
     dense = official_pretraining(official_dense(CUSTOM, final_norm=False), decoder_width=32, decoder_depth=1)
     args = argparse.Namespace(mask_ratio=0.5, norm_pix_loss=True, input_size=64)
     converted = convert_state_dict(OriginalCheckpoint(dense, vars(args)))
@@ -418,7 +418,7 @@ def test_a_wrong_kernel_remapping_fails_verification_and_the_cli_writes_nothing(
         (p, r, without_the_axis_swap if f is sparse_kernel_to_dense else f)
         for p, r, f in conversion_module.SPARSE_TO_DENSE_RULES
     ]
-    monkeypatch.setattr(conversion_module, "SPARSE_TO_DENSE_RULES", rules)
+    monkeypatch.setattr(conversion_module.building, "SPARSE_TO_DENSE_RULES", rules)  # where it is looked up
     code = cli.main(["--checkpoint", str(source), "--output-dir", str(tmp_path / "bad"), "--verify-image-size", "64"])
     assert code == 2 and re.match(r"error: .*exceeds the tolerance", capsys.readouterr().err)
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".*.partial"))
@@ -624,6 +624,7 @@ def test_convert_all_converts_a_subset_and_resumes(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_pushes_to_a_local_hub_and_pushing_again_changes_nothing(tmp_path, hub_server):  # noqa: F811
     source = save_official(tmp_path / "custom.pt", official_dense(CUSTOM, num_classes=10))
     env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}

@@ -143,7 +143,7 @@ def test_overwrite_replaces_a_converted_folder_and_keeps_foreign_files_safe(tmp_
         raise RuntimeError("the card renderer broke")  # any failure while the replacement is being written
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(conversion_module.ModelCard, "save", broken)
+        patch.setattr(conversion_module.output.ModelCard, "save", broken)
         with pytest.raises(RuntimeError, match="renderer broke"):
             convert(source, out, overwrite=True)
     assert snapshot(out) == before and partials(tmp_path) == []  # the previous output is untouched
@@ -198,6 +198,7 @@ def start_slow_conversion(source: Path, out: Path, log: Path) -> tuple[subproces
     raise AssertionError(f"the conversion never reached its staging folder: {log.read_text()[-2000:]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_sigint_and_sigterm_while_writing_leave_no_partial_folder(tmp_path, source, signum):
     out = tmp_path / "out"
@@ -212,6 +213,7 @@ def test_sigint_and_sigterm_while_writing_leave_no_partial_folder(tmp_path, sour
     assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.pt", "log.txt"]
 
 
+@pytest.mark.slow
 def test_a_later_run_removes_the_partial_folder_of_a_killed_run_and_nothing_else(tmp_path, source):
     out = tmp_path / "out"
     process, staging = start_slow_conversion(source, out, tmp_path / "log.txt")
@@ -324,6 +326,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_small_hostile_files_get_a_clear_error_without_allocating_gigabytes(tmp_path):
     files = {
@@ -334,7 +337,8 @@ def test_small_hostile_files_get_a_clear_error_without_allocating_gigabytes(tmp_
     expected = {
         "lying header": "not a readable PyTorch checkpoint",
         "stride-0 view": "tensor 'stages.0.0.pwconv1.weight' declares shape \\(100000, 100000\\)",
-        "huge widths": "missing \\d+ tensor\\(s\\) the model needs",
+        # widths whose model would exceed the size bound: refused with the estimate before anything is allocated
+        "huge widths": "builds a ConvNextV2\\w+ of [\\d,]+ parameters .* beyond the bounds of",
     }
     assert max(path.stat().st_size for path in files.values()) < 20 << 20
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -551,7 +555,7 @@ def test_convert_all_goes_on_past_failures_and_reports_them_in_its_table(tmp_pat
             raise RuntimeError("an unexpected failure")
         return load(path)
 
-    monkeypatch.setattr(conversion_module, "load_original_checkpoint", load_with_a_bug)
+    monkeypatch.setattr(conversion_module.convert, "load_original_checkpoint", load_with_a_bug)  # its caller
     convert_all = load_script("convert_all")
     arguments = ["--output-root", str(tmp_path / "converted"), "--cache-dir", str(cache), "--no-verify"]
     assert convert_all.main([*arguments, "--filter", "atto_1k", "--filter", "femto_1k"]) == 1
@@ -569,7 +573,7 @@ def test_convert_all_goes_on_past_failures_and_reports_them_in_its_table(tmp_pat
     def interrupted(path):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(conversion_module, "load_original_checkpoint", interrupted)
+    monkeypatch.setattr(conversion_module.convert, "load_original_checkpoint", interrupted)
     assert convert_all.main([*arguments, "--filter", "atto_1k", "--filter", "femto_1k_224_fcmae"]) == 130
     out = capsys.readouterr().out
     assert re.search(r"convnextv2_atto_1k_224_fcmae\s+INTERRUPTED", out)

@@ -29,6 +29,7 @@ def main_job_output(tmp_path_factory):
     return output, result.stdout
 
 
+@pytest.mark.slow
 def test_main_job_writes_a_hub_ready_folder_and_reports_both_accuracies(main_job_output):
     output, stdout = main_job_output
     assert "[3] held-out accuracy: FCMAE-pretrained" in stdout and "from random initialisation" in stdout
@@ -107,6 +108,7 @@ def test_pretrain_rejects_bad_arguments(tmp_path):
         pretrain_fcmae.main(finetune_args(tmp_path))
 
 
+@pytest.mark.slow
 def test_finetune_script_runs_unchanged_under_torchrun_with_two_processes(tmp_path):
     data = digit_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=4)
     output = tmp_path / "out"

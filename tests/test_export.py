@@ -53,6 +53,7 @@ def test_jit_trace_matches_eager_with_and_without_gradients(grad):
             assert close(traced_grad, parameter.grad)
 
 
+@pytest.mark.slow
 def test_torch_export_with_dynamic_batch_height_and_width_runs_other_sizes():
     model = classifier()
     # min 64: torch specialises dimensions of size 1, and below 64 px the last stage is 1 position high or wide
@@ -66,6 +67,7 @@ def test_torch_export_with_dynamic_batch_height_and_width_runs_other_sizes():
             assert close(program.module()(pixels), model(pixels).logits), shape
 
 
+@pytest.mark.slow
 def test_onnx_export_runs_in_onnxruntime_at_other_sizes(tmp_path):
     import onnxruntime  # the dev extra installs it, with onnx and onnxscript
     model = classifier()
@@ -90,6 +92,7 @@ def test_onnx_export_runs_in_onnxruntime_at_other_sizes(tmp_path):
             assert close(torch.from_numpy(got), model(pixels).logits), shape
 
 
+@pytest.mark.slow
 def test_compile_dynamic_matches_eager_at_several_sizes():
     model = classifier()
     compiled = torch.compile(model, dynamic=True)
@@ -99,6 +102,7 @@ def test_compile_dynamic_matches_eager_at_several_sizes():
             assert close(compiled(pixels).logits, model(pixels).logits), shape
 
 
+@pytest.mark.slow
 def test_backbone_exports_with_dynamic_sizes_and_selected_hidden_states():
     model = randomize_(ConvNextV2Backbone(tiny_config(out_features=["stage1", "stage3"]))).eval()
 
@@ -118,6 +122,7 @@ def test_backbone_exports_with_dynamic_sizes_and_selected_hidden_states():
             assert close(got, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fcmae_impl", ["sparse", "dense"])
 def test_fcmae_compiles_and_exports_with_static_shapes(fcmae_impl):
     model = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fcmae_impl=fcmae_impl))).eval()

@@ -41,6 +41,7 @@ def count_calls(monkeypatch):
     wrap("square_sum_norm")
     wrap("GeluGrnLinear.apply", fast.GeluGrnLinear, "apply")
     wrap("SparseDepthwiseConv.apply", fast.SparseDepthwiseConv, "apply")
+    wrap("differentiable_backward")
     monkeypatch.setattr(torch.ops.aten, "gelu_", _counting(torch.ops.aten.gelu_, counts, "gelu_"), raising=False)
     return counts
 
@@ -110,8 +111,54 @@ def test_fast_paths_false_runs_none_and_true_runs_the_device_defaults(device, co
         model(torch.randn(2, 3, 64, 64, device=device))
     ran = {name for name, evidence in EVIDENCE.items() if count_calls.get(evidence)}
     training_only = {"fused_gelu_grn_linear", "sparse_depthwise_conv"}
-    expected = set(fast.DEVICE_DEFAULTS.get(device.type, frozenset())) - training_only
+    expected = set(fast.DEVICE_DEFAULTS.get((device.type, torch.float32), frozenset())) - training_only
     assert ran == expected
+
+
+@pytest.mark.parametrize("how", ["weights", "autocast"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_paths_true_follows_the_compute_dtype(dtype, how, monkeypatch, count_calls):
+    # the defaults are chosen per (device, compute dtype), autocast counting as its dtype: with a table that allows
+    # only the square-sum norm for `dtype`, `True` runs exactly that one in `dtype` (weights in `dtype` or fp32 under
+    # autocast), and all of them in fp32. The table is patched here (a test table, not the measured one): it is the
+    # switch under test; the counters prove which functions ran.
+    table = {("cpu", torch.float32): frozenset(FAST_PATH_NAMES), ("cpu", dtype): frozenset({"square_sum_norm"})}
+    monkeypatch.setattr(fast, "DEVICE_DEFAULTS", table)
+    torch.manual_seed(0)
+    model = randomize_(ConvNextV2ForImageClassification(tiny_config(fast_paths=True))).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        model(pixels)
+        assert {"grn_into_linear", "gelu_", "square_sum_norm"} <= set(count_calls), count_calls  # fp32: every path
+        count_calls.clear()
+        if how == "weights":
+            model.to(dtype)(pixels.to(dtype))
+        else:
+            with torch.autocast("cpu", dtype=dtype):
+                model(pixels)
+    assert count_calls.get("square_sum_norm", 0) > 0 and "grn_into_linear" not in count_calls, count_calls
+    assert "gelu_" not in count_calls, count_calls
+    with torch.autocast("cpu", dtype=dtype):
+        assert fast.compute_dtype(pixels) == dtype and fast.default_fast_paths(pixels) == {"square_sum_norm"}
+    assert fast.compute_dtype(pixels) == torch.float32
+    assert fast.default_fast_paths(pixels.double()) == frozenset()  # a dtype not in the table: the reference
+    # training in `dtype`: the fused function is not in the row, so it does not run; in fp32 it does
+    model.train().to(torch.float32)
+    count_calls.clear()
+    with torch.autocast("cpu", dtype=dtype):
+        model(pixels, labels=torch.tensor([0, 1])).loss.backward()
+    assert "GeluGrnLinear.apply" not in count_calls and count_calls.get("square_sum_norm", 0) > 0, count_calls
+    model(pixels, labels=torch.tensor([0, 1])).loss.backward()
+    assert count_calls.get("GeluGrnLinear.apply", 0) > 0
+
+
+def test_the_measured_table_has_a_row_per_device_and_dtype():
+    # CPU fp32 keeps every path (measured); CUDA stays off in every dtype until `make gpu-check` measures it
+    assert fast.DEVICE_DEFAULTS[("cpu", torch.float32)] == frozenset(FAST_PATH_NAMES)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert ("cpu", dtype) in fast.DEVICE_DEFAULTS
+        assert fast.DEVICE_DEFAULTS[("cuda", dtype)] == frozenset()
+    assert all(paths <= set(FAST_PATH_NAMES) for paths in fast.DEVICE_DEFAULTS.values())
 
 
 def test_fast_path_allowed_says_no_while_tracing_compiling_exporting_and_under_functorch():
@@ -297,3 +344,73 @@ def test_a_block_reads_as_the_reference_and_the_masks_share_one_interface():
     masks += modeling.build_stage_masks(torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0]]).bool(), (2, 2), tiny_config())
     assert {type(mask).__name__ for mask in masks} == {"DenseStageMask", "SparseStageMask"}
     assert all(isinstance(mask, modeling.StageMask) for mask in masks)
+
+
+def _penalty_gradients(model, inputs, create_graph: bool):
+    """First-order gradients of the loss (input and parameters; with a graph when ``create_graph``) and, with a
+    graph, the gradients of a gradient penalty: loss + the squared norm of those first-order gradients."""
+    pixels = inputs["pixel_values"].clone().requires_grad_(True)
+    targets = [pixels] + [parameter for parameter in model.parameters() if parameter.requires_grad]
+    loss = model(**dict(inputs, pixel_values=pixels)).loss
+    first = torch.autograd.grad(loss, targets, create_graph=create_graph, allow_unused=True)
+    if not create_graph:
+        return first, None
+    penalty = loss + sum(grad.square().sum() for grad in first if grad is not None)
+    return first, torch.autograd.grad(penalty, targets, allow_unused=True)
+
+
+def _assert_same_gradients(got, expected, tolerance: float, what: str):
+    assert len(got) == len(expected)
+    for index, (got_grad, want) in enumerate(zip(got, expected, strict=True)):
+        assert (got_grad is None) == (want is None), f"{what} {index}"
+        if want is not None:
+            scale = max(1.0, want.abs().max().item())
+            assert max_diff(got_grad, want) <= tolerance * scale, f"{what} {index}: {max_diff(got_grad, want):.2e}"
+
+
+@pytest.mark.parametrize("architecture", ["classifier", "sparse_fcmae"])
+def test_gradients_of_gradients_equal_the_reference_with_the_training_paths_on(architecture, device, count_calls):
+    # a gradient penalty (autograd.grad(..., create_graph=True), then a second backward) with the training paths on:
+    # their hand-written backwards step aside for a differentiable recomputation. fp64, against fast_paths=False:
+    # first-order and second-order gradients agree to 1e-10 (relative to the largest). Every path is named, as
+    # `True` runs the measured per-dtype defaults and fp64 has none.
+    torch.manual_seed(0)
+    model_class = ConvNextV2ForImageClassification if architecture == "classifier" else ConvNextV2ForMaskedImageModeling
+    reference = randomize_(model_class(tiny_config(fast_paths=False))).double().to(device).train()
+    model = model_class(tiny_config(fast_paths=list(FAST_PATH_NAMES))).double().to(device).train()
+    model.load_state_dict(reference.state_dict())
+    inputs = {"pixel_values": torch.randn(2, 3, 64, 64, dtype=torch.float64, device=device)}
+    if architecture == "classifier":
+        inputs["labels"] = torch.tensor([1, 3], device=device)
+    else:
+        inputs["noise"] = torch.rand(2, 4, dtype=torch.float64, device=device)
+    expected_first, expected_second = _penalty_gradients(reference, inputs, create_graph=True)
+    assert count_calls == {}
+    got_first, got_second = _penalty_gradients(model, inputs, create_graph=True)
+    assert count_calls.get("GeluGrnLinear.apply", 0) > 0
+    if architecture == "sparse_fcmae":
+        assert count_calls.get("SparseDepthwiseConv.apply", 0) > 0
+    assert count_calls.get("differentiable_backward", 0) > 0  # the graph of the backward came from the recomputation
+    _assert_same_gradients(got_first, expected_first, 1e-10, "first-order gradient")
+    _assert_same_gradients(got_second, expected_second, 1e-10, "gradient-penalty gradient")
+    assert any(grad is not None and grad.abs().max() > 0 for grad in expected_second)
+    # without a graph of the backward the hand-written backwards run, as before (same numbers)
+    count_calls.clear()
+    got_plain, _ = _penalty_gradients(model, inputs, create_graph=False)
+    assert count_calls.get("GeluGrnLinear.apply", 0) > 0 and count_calls.get("differentiable_backward", 0) == 0
+    _assert_same_gradients(got_plain, expected_first, 1e-10, "first-order gradient without a graph")
+
+
+def test_a_gradient_penalty_runs_with_the_default_fast_paths_in_fp32(device, count_calls):
+    # the issue's case: fp32, fast_paths=True (the device's defaults), autograd.grad(create_graph=True) then backward
+    torch.manual_seed(0)
+    reference = randomize_(ConvNextV2ForImageClassification(tiny_config(fast_paths=False))).to(device).train()
+    model = ConvNextV2ForImageClassification(tiny_config(fast_paths=True)).to(device).train()
+    model.load_state_dict(reference.state_dict())
+    inputs = {"pixel_values": torch.randn(2, 3, 64, 64, device=device), "labels": torch.tensor([0, 4], device=device)}
+    expected_first, expected_second = _penalty_gradients(reference, inputs, create_graph=True)
+    got_first, got_second = _penalty_gradients(model, inputs, create_graph=True)
+    if "fused_gelu_grn_linear" in fast.default_fast_paths(inputs["pixel_values"]):
+        assert count_calls.get("differentiable_backward", 0) > 0
+    _assert_same_gradients(got_first, expected_first, 1e-4, "first-order gradient")
+    _assert_same_gradients(got_second, expected_second, 1e-4, "gradient-penalty gradient")

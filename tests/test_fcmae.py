@@ -15,7 +15,7 @@ from convnextv2_hf import (
     ConvNextV2Model,
 )
 from convnextv2_hf.configuration_convnextv2 import FAST_PATH_NAMES
-from convnextv2_hf.modeling_convnextv2 import ConvNextV2GRN
+from convnextv2_hf.modeling_convnextv2 import ConvNextV2GRN, draw_mask
 
 PATH_TOLERANCE = 1e-5
 
@@ -299,12 +299,33 @@ def test_encoder_checkpoint_loads_into_fcmae_with_a_new_decoder(tmp_path):
         (lambda m: m(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)), "must be a floating-point tensor"),
         (lambda m: m(torch.randn(2, 1, 64, 64)), "has 1 channels but the model expects num_channels=3"),
         (lambda m: m(torch.randn(2, 3, 32, 32)), r"mask_ratio=0.6 keeps no patch of the 1"),
+        (
+            lambda m: m(torch.randn(2, 3, 64, 64), noise=torch.tensor([[0.1, float("nan"), 0.3, 0.2], [0.1] * 4])),
+            r"noise holds 1 NaN or infinite values of 8",
+        ),
+        (
+            lambda m: m(torch.randn(1, 3, 64, 64), noise=torch.tensor([[float("inf"), 0.5, -float("inf"), 0.2]])),
+            r"noise holds 2 NaN or infinite values of 4",
+        ),
+        (lambda m: m.random_masking(1, 4, torch.tensor([[True, False, True, False]])), "real numbers.*torch.bool"),
+        (
+            lambda m: m(
+                torch.randn(2, 3, 64, 64), bool_masked_pos=torch.zeros(2, 4, dtype=torch.bool), noise=torch.rand(2, 4)
+            ),
+            r"pass bool_masked_pos or noise, not both",
+        ),
     ],
 )
 def test_bad_input_raises_value_error(call, message):
     model = ConvNextV2ForMaskedImageModeling(tiny_config())
     with pytest.raises(ValueError, match=message):
         call(model)
+
+
+def test_the_collators_masking_rule_refuses_non_finite_noise_too():
+    with pytest.raises(ValueError, match=r"noise holds 1 NaN or infinite values of 4"):
+        draw_mask(torch.tensor([[0.3, 0.1, float("nan"), 0.2]]), 0.5)
+    assert draw_mask(torch.tensor([[0.3, 0.1, 0.4, 0.2]]), 0.5).tolist() == [[True, False, True, False]]
 
 
 def test_image_size_must_be_a_multiple_of_the_mask_patch_size():
@@ -320,6 +341,7 @@ def test_dense_path_accepts_different_removed_counts_per_sample():
     assert out.mask.sum().item() == 3 and torch.isfinite(out.loss)
 
 
+@pytest.mark.slow
 def test_torch_compile_of_the_sparse_path_matches_eager_without_graph_breaks():
     model = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config())).train()
     pixels, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 4)

@@ -77,6 +77,7 @@ class RecordingCollator(FCMAECollator):
         return batch
 
 
+@pytest.mark.slow
 def test_a_resumed_pretraining_run_uses_the_masks_of_the_uninterrupted_run(tmp_path):
     """8 images, batch 2, 3 epochs (12 steps); one run straight through, one stopped at step 6 (mid epoch 1) and
     resumed from its checkpoint by a fresh Trainer: the same mask for every (epoch, image), the same weights."""
@@ -117,6 +118,7 @@ def test_a_resumed_pretraining_run_uses_the_masks_of_the_uninterrupted_run(tmp_p
     assert max(differences.values()) <= 1e-6, max(differences.items(), key=lambda item: item[1])
 
 
+@pytest.mark.slow
 def test_masks_do_not_depend_on_dataloader_workers_and_need_the_epoch_callback(tmp_path):
     """Workers copy the collator at each epoch's start, so they draw the epoch's masks: the same weights as in
     the main process. Without the callback every epoch would reuse epoch 0's masks."""
@@ -248,6 +250,7 @@ def test_pretraining_rejects_bad_data_arguments(tmp_path, extra, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_streaming_pretraining_on_a_local_folder_is_reproducible(tmp_path):
     data = photo_folder(tmp_path / "images", count=5)
     states = []
@@ -267,6 +270,7 @@ def test_streaming_pretraining_on_a_local_folder_is_reproducible(tmp_path):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+@pytest.mark.slow
 def test_streaming_pretraining_under_torchrun_with_two_processes(tmp_path):
     data = photo_folder(tmp_path / "images", count=6)
     output = tmp_path / "out"
@@ -312,6 +316,7 @@ def test_a_truncated_image_stops_pretraining_with_its_name_or_is_skipped_with_a_
     assert skipped == {f"skipping unreadable image {data / '03.jpg'}", f"skipping unreadable image {data / '05.png'}"}
 
 
+@pytest.mark.slow
 def test_the_pretraining_script_resumed_from_a_checkpoint_ends_with_the_uninterrupted_weights(tmp_path):
     """Random crops, flips and masks included: 3 epochs of 5 steps straight through, against a run stopped after
     step 7 (checkpoint at 5) and resumed from checkpoint-5. Constant lr, so stopping early changes no schedule."""

@@ -186,6 +186,19 @@ def test_float_images_already_in_0_1_warn_when_rescaled(processor_class):
     assert (unnormalised(scaled) - unnormalised(expected)).abs().max().item() <= 0.02  # uint8 vs float resize
 
 
+def test_pil_backend_reads_float_arrays_in_0_255_as_8_bit():
+    """The PIL backend resizes 8-bit images (transformers refuses float values above 1 there): float arrays given for
+    do_rescale are rounded to 8 bits, as mode F images are, so they give the pixels of their uint8 image."""
+    scene = np.stack([grey_scene()] * 3, axis=-1)
+    processor = ConvNextV2ImageProcessorPil(size={"shortest_edge": 32})
+    expected = processor(scene, return_tensors="pt")["pixel_values"]
+    nearly = scene + np.where(scene < 128, 0.2, -0.2)  # rounds back to the 8-bit values
+    for image in (nearly.astype(np.float32), torch.from_numpy(nearly).permute(2, 0, 1)):
+        assert torch.equal(processor(image, return_tensors="pt")["pixel_values"], expected)
+    with pytest.raises(ValueError, match=r"image 0 of 1: float pixel values must lie in 0\.\.255 .*got 0\.\.300"):
+        processor(np.full((8, 8, 3), 300.0, np.float32) * np.eye(8)[..., None])
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
@@ -359,6 +372,7 @@ def test_stock_convnext_folders_still_load_transformers_classes(tmp_path):
     assert type(AutoImageProcessor.from_pretrained(tmp_path, backend="pil")) is ConvNextImageProcessorPil
 
 
+@pytest.mark.slow
 def test_saved_processor_gives_the_same_pixels_with_stock_transformers(tmp_path):
     """Stock transformers loads folders saved by either backend as its ConvNeXt processor with our saved values
     (torchvision unless asked for PIL). Same pixels at 224 when the crop margin is even (the cat) and at 384 (warp,

@@ -20,6 +20,93 @@ def test_top_k_accuracy_accumulates_batches():
     assert metric.compute(k=1)["accuracy"] == pytest.approx(4 / 6)
 
 
+def test_top_k_accuracy_reads_class_ids_as_exact_top_1_and_refuses_top_k_from_ids():
+    """What evaluate.evaluator passes: one class id per image. Top-1 is exact; top-k cannot be known from ids."""
+    metric = load_top_k_accuracy()
+    assert metric.compute(predictions=[1, 0, 2, 2], references=[1, 1, 2, 0]) == {"accuracy": 0.5}
+    assert metric.compute(predictions=[1, 0, 2, 2], references=[1, 1, 2, 0], k=1) == {"accuracy": 0.5}
+    with pytest.raises(ValueError, match=r"top-5 accuracy needs \(N, num_labels\) scores, but the predictions are"):
+        metric.compute(predictions=[1, 0], references=[1, 1], k=5)
+    metric.add_batch(predictions=[1, 0], references=[1, 1])
+    metric.add_batch(predictions=[2, 2], references=[2, 0])
+    assert metric.compute() == {"accuracy": 0.5}
+    # scores without k: the default k of 5, as before
+    assert metric.compute(predictions=np.eye(3), references=[0, 1, 1]) == {"accuracy": 2 / 3, "top5_accuracy": 1.0}
+
+
+class ToyImages(torch.utils.data.Dataset):
+    def __init__(self, count: int = 12, num_labels: int = 5):
+        generator = torch.Generator().manual_seed(0)
+        self.pixels = torch.randn(count, 3, 32, 32, generator=generator)
+        self.labels = torch.arange(count) % num_labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.pixels[index], "labels": self.labels[index]}
+
+
+def _toy_classifier(num_labels: int = 5):
+    from conftest import tiny_config
+
+    from convnextv2_hf import ConvNextV2ForImageClassification
+
+    torch.manual_seed(0)
+    return ConvNextV2ForImageClassification(tiny_config(num_labels=num_labels)).eval()
+
+
+def test_top_k_accuracy_in_a_trainer_compute_metrics(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model, data = _toy_classifier(), ToyImages()
+    metric = load_top_k_accuracy()
+
+    def compute_metrics(prediction):
+        return metric.compute(predictions=prediction.predictions, references=prediction.label_ids, k=2)
+
+    args = TrainingArguments(str(tmp_path), use_cpu=True, per_device_eval_batch_size=5, report_to="none")
+    scores = Trainer(model=model, args=args, eval_dataset=data, compute_metrics=compute_metrics).evaluate()
+    with torch.no_grad():
+        logits = model(data.pixels).logits
+    top2 = logits.topk(2, dim=1).indices
+    assert scores["eval_accuracy"] == pytest.approx((top2[:, 0] == data.labels).float().mean().item())
+    assert scores["eval_top2_accuracy"] == pytest.approx((top2 == data.labels[:, None]).any(1).float().mean().item())
+
+
+@pytest.mark.slow
+def test_top_k_accuracy_with_evaluate_evaluator_on_a_local_pipeline(tmp_path):
+    """A real evaluate.evaluator("image-classification") run, offline, on a tiny saved classifier: it passes the
+    pipeline's best label as an id, and the metric gives the exact top-1 accuracy of those predictions. (evaluate
+    0.4.6 cannot take a Pipeline object under transformers 5: it looks up transformers.TFPreTrainedModel, gone in
+    5; a model folder works.)"""
+    import datasets
+    import evaluate
+    import PIL.Image
+
+    from convnextv2_hf import ConvNextV2ImageProcessor
+
+    labels = {0: "a", 1: "b", 2: "c"}
+    model = _toy_classifier(num_labels=3)
+    model.config.id2label, model.config.label2id = labels, {name: i for i, name in labels.items()}
+    model.save_pretrained(tmp_path)
+    ConvNextV2ImageProcessor(size={"shortest_edge": 32}).save_pretrained(tmp_path)
+    rng = np.random.RandomState(0)
+    images = [PIL.Image.fromarray(rng.randint(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(9)]
+    truth = [0, 1, 2] * 3
+    data = datasets.Dataset.from_dict({"image": images, "label": truth}).cast_column("image", datasets.Image())
+    result = evaluate.evaluator("image-classification").compute(
+        model_or_pipeline=str(tmp_path), data=data, metric=load_top_k_accuracy(), label_mapping=model.config.label2id
+    )
+    processor = ConvNextV2ImageProcessor.from_pretrained(tmp_path)
+    with torch.no_grad():  # the pipeline's best label: the arg-max of the model's logits on the processor's pixels
+        predicted = model(processor(data["image"], return_tensors="pt")["pixel_values"]).logits.argmax(-1).tolist()
+    expected = float(np.mean(np.asarray(predicted) == np.asarray(truth)))
+    assert 0 < expected < 1  # the toy model gets some right and some wrong: the count is informative
+    assert result["accuracy"] == pytest.approx(expected)
+    assert not any(key.startswith("top") for key in result)  # ids say nothing about the top k
+
+
 # --- mean IoU for semantic segmentation ------------------------------------------------------------------
 
 
@@ -52,9 +139,10 @@ def test_mean_iou_leaves_absent_classes_out_and_counts_missed_ones_as_zero():
     assert scores["per_category_iou"][:2] == [0.5, 0.0] and np.isnan(scores["per_category_iou"][2:]).all()
     assert scores["mean_iou"] == 0.25
     # the Trainer's -100 padding is not counted, nor is the ignore index
-    assert mean_iou(np.array([[1, 1]]), np.array([[-100, 255]]), num_labels=2)["per_category_iou"] == [
-        pytest.approx(np.nan, nan_ok=True)
-    ] * 2
+    assert (
+        mean_iou(np.array([[1, 1]]), np.array([[-100, 255]]), num_labels=2)["per_category_iou"]
+        == [pytest.approx(np.nan, nan_ok=True)] * 2
+    )
 
 
 def test_mean_iou_accumulates_batches_and_takes_trainer_logits():

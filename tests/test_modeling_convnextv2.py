@@ -211,6 +211,7 @@ def test_channels_last_inputs_give_the_same_outputs(fast_paths, device):
     assert close(got, expected, 1e-5)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager(config):
     model = randomize_(ConvNextV2ForImageClassification(config)).eval()
     pixels = torch.randn(2, 3, 64, 64)
@@ -219,6 +220,7 @@ def test_torch_compile_matches_eager(config):
         assert max_diff(compiled(pixels).logits, model(pixels).logits) <= 1e-5
 
 
+@pytest.mark.slow
 def test_one_compiled_graph_serves_every_batch_size(config):
     # dynamic batch, no graph break, no recompilation; Dynamo's frame counter with the eager backend (no Inductor)
     from torch._dynamo.testing import CompileCounter

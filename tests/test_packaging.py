@@ -146,6 +146,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_the_installed_wheel_converts_a_checkpoint_and_the_result_classifies_in_a_pipeline(built):
     root = built["root"]
     site, work = root / "site", root / "work"

@@ -132,6 +132,7 @@ def image_folder(root: Path, classes=("a", "b", "c"), per_class=4) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_recipe_run_follows_warm_up_then_cosine_to_min_lr_and_the_card_lists_the_values(tmp_path):
     """A real 12-step run with --recipe tiny: the lr of every step against the recipe's curve (rel 1e-6)."""
     steps, batch = 12, 4

@@ -134,6 +134,7 @@ def trained(data, fcmae_checkpoint, tmp_path_factory) -> tuple[Path, dict]:
 # --- training ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mean_iou_rises_well_above_chance_and_the_untrained_model(trained, data):
     output, metrics = trained
     chance = chance_mean_iou(read_masks(data / "validation"))
@@ -146,6 +147,7 @@ def test_mean_iou_rises_well_above_chance_and_the_untrained_model(trained, data)
     assert metrics["eval_overall_accuracy"] > 0.85
 
 
+@pytest.mark.slow
 def test_the_saved_model_reloads_with_transformers_alone(trained, data, tmp_path):
     output, _ = trained
     from transformers import UperNetForSemanticSegmentation

@@ -335,6 +335,7 @@ def test_stock_trainer_keeps_every_group_ratio_through_warmup_and_decay(tmp_path
     assert recorder.logged[1:] == pytest.approx(head_lrs[:-1])
 
 
+@pytest.mark.slow
 def test_fcmae_loss_under_gradient_accumulation_and_ddp_equals_one_process(tmp_path):
     """Real runs: 1 process batch 4; 1 process batch 2 x 2 accumulation; 2 gloo processes (torchrun) batch 2."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -392,13 +393,14 @@ class StopAtStep(TrainerCallback):
             control.should_training_stop = True
 
 
-def ema_run(output_dir, stop_at=None, resume=None, seed=0, **arg_overrides):
-    """6 steps (checkpoints at 3 and 6); ``stop_at`` interrupts as a killed job would, right after a checkpoint."""
+def ema_run(output_dir, stop_at=None, resume=None, seed=0, announce=False, allow_fresh_start=False, **arg_overrides):
+    """6 steps (checkpoints at 3 and 6); ``stop_at`` interrupts as a killed job would, right after a checkpoint.
+    ``announce`` passes the folder through the documented hook ``ema.resume_from``."""
     torch.manual_seed(seed)
     model = ConvNextV2ForImageClassification(tiny_config())
     fields = dict(max_steps=6, save_strategy="steps", save_steps=3, seed=seed)
     args = training_args(output_dir, **{**fields, **arg_overrides})
-    ema = EMACallback(decay=0.5)
+    ema = EMACallback(decay=0.5, allow_fresh_start=allow_fresh_start)
     trainer = Trainer(
         model=model,
         args=args,
@@ -406,7 +408,10 @@ def ema_run(output_dir, stop_at=None, resume=None, seed=0, **arg_overrides):
         optimizer_cls_and_kwargs=layer_decay_optimizer(model, args, layer_decay=0.8),
         callbacks=[ema] + ([StopAtStep(stop_at)] if stop_at else []),
     )
-    trainer.train() if resume == "no argument" else trainer.train(resume_from_checkpoint=resume)
+    if resume == "no argument":
+        trainer.train()
+    else:
+        trainer.train(resume_from_checkpoint=ema.resume_from(resume) if announce else resume)
     return model, ema, trainer
 
 
@@ -416,6 +421,7 @@ def uninterrupted_ema_run(tmp_path_factory):
     return model.state_dict(), ema.state_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("way", ["path", "True", "moved path", "args", "args True", "stale args"])
 def test_ema_resumes_bit_for_bit_whichever_way_training_resumes(tmp_path, uninterrupted_ema_run, way):
     full_model, full_ema = uninterrupted_ema_run
@@ -441,7 +447,9 @@ def test_ema_resumes_bit_for_bit_whichever_way_training_resumes(tmp_path, uninte
         if way == "stale args":  # another run's checkpoint at the same step: its EMA must not be taken
             ema_run(tmp_path / "other", stop_at=3, seed=1)
             stale = {"resume_from_checkpoint": str(tmp_path / "other" / "checkpoint-3")}
-        resumed_model, resumed_ema, trainer = ema_run(tmp_path / "new_output", resume=str(moved), **stale)
+        resumed_model, resumed_ema, trainer = ema_run(
+            tmp_path / "new_output", resume=str(moved), announce=True, **stale
+        )
     assert trainer.state.global_step == 6
     for name, tensor in full_model.items():
         assert torch.equal(resumed_model.state_dict()[name], tensor), name
@@ -473,12 +481,14 @@ def test_args_resume_without_passing_it_to_train_warns_that_nothing_resumed(tmp_
     )
 
 
-def test_resuming_without_ema_weights_warns_and_restarts_the_average(tmp_path, caplog):
+def test_resuming_without_ema_weights_is_refused_unless_a_fresh_start_is_allowed(tmp_path, caplog):
     ema_run(tmp_path, stop_at=3)
     (tmp_path / "checkpoint-3" / EMA_WEIGHTS_NAME).unlink()
+    with pytest.raises(ValueError, match=r"checkpoint-3 holds no EMA weights \(ema_model\.safetensors\)"):
+        ema_run(tmp_path, resume=True)
     with caplog.at_level("WARNING", logger="convnextv2_hf.training"):
-        _, ema, _ = ema_run(tmp_path, resume=True)
-    assert "checkpoint-3 holds no EMA weights; the EMA restarts" in caplog.text
+        _, ema, _ = ema_run(tmp_path, resume=True, allow_fresh_start=True)
+    assert "checkpoint-3 holds no EMA weights (ema_model.safetensors); the EMA restarts" in caplog.text
     assert ema.ema.n_averaged.item() == 3
 
 
@@ -497,6 +507,7 @@ def test_a_truncated_ema_file_stops_the_resume_with_its_name(tmp_path):
         resume_checkpoint(args)  # the scripts' check, before any training
 
 
+@pytest.mark.slow
 def test_an_ema_file_from_another_step_or_model_is_refused(tmp_path):
     ema_run(tmp_path / "run")
     checkpoint = tmp_path / "run" / "checkpoint-3"

@@ -170,6 +170,7 @@ class ConvNextV2ModelTest(ModelTesterMixin, unittest.TestCase):
 """
 
 
+@pytest.mark.slow
 def test_whole_run_on_a_fake_sdist_tells_the_variants_apart(harness, tmp_path, capsys):
     sdist = tmp_path / "transformers-0.0.0.tar.gz"
     with tarfile.open(sdist, "w:gz") as archive:
