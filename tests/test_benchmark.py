@@ -16,6 +16,7 @@ from convnextv2_hf.fast_paths_convnextv2 import native_bf16_cpu
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_benchmark_runs_every_group_and_writes_ratios(tmp_path):
     output = tmp_path / "results.json"
     command = [
@@ -100,6 +101,7 @@ def test_a_preset_sets_defaults_that_flags_override():
     assert benchmark.parse_args([]).modes == ["eager"]
 
 
+@pytest.mark.slow
 def test_time_budget_skips_what_would_start_after_it_and_still_writes_the_json(tmp_path):
     output = tmp_path / "results.json"
     command = [

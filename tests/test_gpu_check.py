@@ -24,6 +24,7 @@ def run_check(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_make_gpu_check_cpu_smoke_writes_every_section_and_prints_the_tables(tmp_path):
     output = tmp_path / "check.json"
     settings = ["DEVICE=cpu", "SMOKE=1", f"GPU_CHECK_PYTHON={sys.executable}", f"GPU_CHECK_OUTPUT={output}"]
@@ -101,6 +102,7 @@ def test_no_python_that_can_run_the_check_is_a_clear_error(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_asked_for_without_a_gpu_names_the_reason(tmp_path):
     result = run_check("--device", "cuda", "--python", sys.executable, "--output", str(tmp_path / "x.json"))
@@ -121,6 +123,7 @@ def test_bad_arguments_are_usage_errors(args, message):
     assert result.returncode == 2 and message in result.stderr
 
 
+@pytest.mark.slow
 def test_a_phase_is_interrupted_at_its_deadline_and_killed_after_the_grace(tmp_path):
     # pytest interrupted: it reports the tests that ran; the test it was in is neither passed nor failed
     (tmp_path / "test_slow.py").write_text(
