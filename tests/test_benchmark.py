@@ -78,7 +78,9 @@ def test_benchmark_runs_every_group_and_writes_ratios(tmp_path):
     sparse = rows["fcmae sparse eager"]
     assert sparse["ratio"] > 0 and sparse["anchor"] == "fcmae dense eager"
     # peak memory is measured on CPU too (profiler allocation events), and the sparse path needs less of it
-    assert all(row["peak_gb"] > 0 for row in rows.values())
+    # (not for the deployment runtimes: their allocations are outside torch's view, recorded as None)
+    assert all(row["peak_gb"] > 0 for name, row in rows.items() if "onnxruntime" not in name and "openvino" not in name)
+    assert all(row["peak_gb"] is None for name, row in rows.items() if "onnxruntime" in name or "openvino" in name)
     assert 0 < sparse["memory_ratio"] < 1
     assert "ratio" in result.stdout and "fcmae sparse eager" in result.stdout
     assert "fcmae sparse eager against fcmae vitmae-tiny eager" in result.stdout
