@@ -13,7 +13,8 @@ unused rolls over to the next one, and a phase never runs past its deadline by m
    interrupted (SIGINT: it still reports what ran) and the tests not reached are recorded as not run.
 2. ``benchmark eager``: ``benchmark.py --preset gpu --modes eager``: V2-T inference (batch 256) and training step
    (batch 128), the FCMAE-B step sparse and dense with peak memory and ViTMAE-B beside it (batch 128), all under bf16
-   autocast, and the ablation (every fast path on, then each taken out) that ``DEVICE_DEFAULTS["cuda"]`` is set from.
+   autocast, the built-in and ours with bf16 weights, and the ablation (every fast path on, then each taken out) in
+   bf16 autocast, bf16 and fp16 weights and fp32, that the rows ``DEVICE_DEFAULTS[("cuda", dtype)]`` are set from.
 3. ``benchmark compiled``: the same inference and FCMAE groups under ``torch.compile`` (mode default).
 
 The benchmark skips groups and cases that would start after its deadline and lists them; it writes its JSON after
@@ -59,6 +60,13 @@ GPU_BUDGETS = {"tests": 100.0, "benchmark eager": 130.0, "benchmark compiled": 2
 # the smoke run compiles nothing (minutes on a 2-core CPU): its compiled phase is recorded as skipped
 SMOKE_BUDGETS = {"tests": 60.0, "benchmark eager": 90.0, "benchmark compiled": 0.0}
 GRACE_S = {"tests": 20.0, "benchmark eager": 45.0, "benchmark compiled": 45.0}  # past the deadline, then killed
+# the ablation's precisions (benchmark.py --ablate-precisions): the run's own (bf16 autocast) first, then weights in
+# bf16 and fp16 and plain fp32, each a row of DEVICE_DEFAULTS (device, dtype); the time budget cuts from the end
+GPU_ABLATE_PRECISIONS = ["bf16-autocast", "bf16", "fp16", "fp32"]
+SMOKE_ABLATE_PRECISIONS = ["bf16-autocast", "bf16"]
+# the dtype (DEVICE_DEFAULTS key) of each precision: autocast counts as its dtype
+PRECISION_DTYPES = {"bf16-autocast": "bfloat16", "bf16": "bfloat16", "fp16-autocast": "float16", "fp16": "float16",
+                    "fp32": "float32"}  # fmt: skip
 SMOKE_SIZES = [
     "--model", "atto", "--fcmae-model", "atto", "--image-size", "64", "--batch", "2", "--train-batch", "2",
     "--fcmae-batch", "2", "--vitmae", "tiny", "--warmup", "0", "--repeats", "1",
@@ -337,6 +345,9 @@ def run_benchmark(args, python: str, phase: str, deadline: float, workdir: Path)
         ["compile"], ["infer", "fcmae"])  # fmt: skip
     command = [python, str(ROOT / "benchmarks" / "benchmark.py"), "--preset", "gpu", "--device", args.device]
     command += (SMOKE_SIZES if args.smoke else []) + ["--modes", *modes, "--only", *groups]
+    command += ["--runtimes"]  # ONNX Runtime / OpenVINO rows are CPU deployment anchors, not part of this check
+    if "ablate" in groups:
+        command += ["--ablate-precisions", *(SMOKE_ABLATE_PRECISIONS if args.smoke else GPU_ABLATE_PRECISIONS)]
     command += ["--time-budget", f"{_left(deadline):.0f}", "--output", str(output)]
     result = run_phase(command, deadline + GRACE_S[phase], 0.0, interrupt_first=False)
     benchmark = json.loads(output.read_text()) if output.exists() else None
@@ -386,14 +397,32 @@ def evaluate_targets(rows: dict[str, dict], vitmae: str) -> list[dict]:
     return targets
 
 
-def ablation_verdicts(rows: dict[str, dict]) -> dict:
+def ablation_by_precision(rows: dict[str, dict], precisions: list[str]) -> dict:
+    """``ablation_verdicts`` for every precision the ablation ran in (the first is the run's own, its rows named
+    without a suffix), and per dtype the paths on in every precision of that dtype: the suggested row
+    ``DEVICE_DEFAULTS[(device, dtype)]`` (bf16 weights and bf16 autocast both decide the bf16 row)."""
+    by_precision = {}
+    for index, precision in enumerate(precisions):
+        verdicts = ablation_verdicts(rows, "" if index == 0 else f" [{precision}]")
+        if any(entry["verdict"] != "not measured" for entry in verdicts["paths"].values()):
+            by_precision[precision] = verdicts
+    by_dtype: dict[str, list[str]] = {}
+    for precision, verdicts in by_precision.items():
+        dtype = PRECISION_DTYPES[precision]
+        suggested = verdicts["suggested_defaults"]
+        by_dtype[dtype] = [path for path in by_dtype.get(dtype, suggested) if path in suggested]
+    return {"precisions": by_precision, "suggested_by_dtype": by_dtype}
+
+
+def ablation_verdicts(rows: dict[str, dict], suffix: str = "") -> dict:
     """Per fast path, the speed (and memory) of every path on against the same without it, in each group where it
-    runs; the verdict says whether ``DEVICE_DEFAULTS`` for this device should switch it on."""
+    runs; the verdict says whether ``DEVICE_DEFAULTS`` for this device should switch it on. ``suffix``: the
+    precision of a second ablation (`` [bf16]``), as benchmark.py names its rows."""
     paths = {}
     for path, groups in ABLATION_GROUPS.items():
         effects: dict[str, float] = {}
         for group in groups:
-            without = rows.get(f"ablate {group} ours, without {path}")
+            without = rows.get(f"ablate {group} ours, without {path}{suffix}")
             if without and without.get("ratio"):
                 effects[f"{group} speed"] = 1 / without["ratio"]  # the row is against "ours": its inverse is the gain
                 if group != "infer" and without.get("memory_ratio"):
@@ -443,7 +472,7 @@ def format_report(report: dict) -> str:
         ratio = f"{row['ratio']:.2f}x" if row.get("ratio") else "-"
         memory = f"{row['memory_ratio']:.0%}" if row.get("memory_ratio") else "-"
         lines.append(
-            f"{row['name']:<50} {row['img_per_s']:10.1f} {ratio:>7} {row['peak_gb']:8.3f} {memory:>7}  "
+            f"{row['name']:<50} {row['img_per_s']:10.1f} {ratio:>7} {row.get('peak_gb') or 0:8.3f} {memory:>7}  "
             f"{row.get('anchor') or ''}"
         )
     lines += ["", f"{'target (issue 13)':<30} {'measured':>9} {'required':>9}  {'status':<13} against"]
@@ -465,6 +494,12 @@ def format_report(report: dict) -> str:
         f"suggested DEVICE_DEFAULTS[{report['device_type']!r}] from this run: {suggested} "
         "(fast_paths_convnextv2.py; speed within 3% counts as none)"
     )
+    per_precision = report.get("ablation_by_precision", {})
+    for precision, verdicts in per_precision.get("precisions", {}).items():
+        cells = ", ".join(f"{path} {entry['verdict']}" for path, entry in verdicts["paths"].items())
+        lines.append(f"  ablation in {precision}: {cells}")
+    for dtype, paths in per_precision.get("suggested_by_dtype", {}).items():
+        lines.append(f"suggested DEVICE_DEFAULTS[({report['device_type']!r}, torch.{dtype})]: {paths}")
     for skipped in report["skipped"]:
         lines.append(f"skipped: {skipped['name']}: {skipped['reason']}")
     lines.append(f"wrote {report['output']}")
@@ -504,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": [],
         "targets": [],
         "ablation": {"paths": {}, "suggested_defaults": []},
+        "ablation_by_precision": {"precisions": {}, "suggested_by_dtype": {}},
     }
     print(f"gpu-check: {python} (torch {info['torch']}, transformers {info['transformers']}) on {report['device']}")
     deadline = started
@@ -534,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
     vitmae = "tiny" if args.smoke else "base"
     report["targets"] = evaluate_targets(rows, vitmae)
     report["ablation"] = ablation_verdicts(rows)
+    report["ablation_by_precision"] = ablation_by_precision(
+        rows, SMOKE_ABLATE_PRECISIONS if args.smoke else GPU_ABLATE_PRECISIONS
+    )
     report["seconds"] = round(time.monotonic() - started, 1)
     save(report)
     print(format_report(report))

@@ -80,6 +80,18 @@ def test_make_gpu_check_cpu_smoke_writes_every_section_and_prints_the_tables(tmp
     for label, target in targets.items():
         assert any(line.startswith(label) and target["status"] in line for line in summary.splitlines()), label
     assert "suggested DEVICE_DEFAULTS['cpu'] from this run" in summary
+    # issue 19: bf16-weights inference, and the ablation per precision with a suggested row per (device, dtype)
+    assert {"infer builtin bf16-weights eager", "infer ours bf16-weights eager"} <= set(rows)
+    assert not any("onnxruntime" in name or "openvino" in name for name in rows)  # CPU anchors, not this check's
+    by_precision = report["ablation_by_precision"]
+    assert "bf16-autocast" in by_precision["precisions"]
+    if "ablate infer ours, without grn_fold [bf16]" in rows:  # the second precision, unless the budget ran out
+        assert "bf16" in by_precision["precisions"]
+    else:
+        assert any("[bf16]" in item["name"] or "ablate bf16" in item["name"] for item in report["skipped"])
+    suggested = by_precision["suggested_by_dtype"]["bfloat16"]
+    assert set(suggested) <= set(by_precision["precisions"]["bf16-autocast"]["suggested_defaults"])
+    assert f"suggested DEVICE_DEFAULTS[('cpu', torch.bfloat16)]: {suggested}" in summary
     assert f"wrote {output}" in summary.splitlines()[-1]
 
 
@@ -191,3 +203,23 @@ def test_the_report_is_written_atomically(tmp_path):
     gpu_check.save(report)
     assert json.loads((tmp_path / "sub" / "check.json").read_text()) == report
     assert os.listdir(tmp_path / "sub") == ["check.json"]
+
+
+def test_the_per_dtype_suggestion_keeps_a_path_only_where_every_precision_of_the_dtype_wants_it():
+    def without(group, path, ratio, suffix=""):
+        name = f"ablate {group} ours, without {path}{suffix}"
+        return name, {"name": name, "ratio": ratio, "memory_ratio": 1.0}
+
+    rows = dict(
+        [
+            without("infer", "grn_fold", 0.8),  # bf16 autocast: faster with it
+            without("infer", "square_sum_norm", 0.8),
+            without("infer", "grn_fold", 0.8, " [bf16]"),  # bf16 weights: the fold pays, the square-sum does not
+            without("infer", "square_sum_norm", 1.2, " [bf16]"),
+            without("infer", "grn_fold", 1.3, " [fp32]"),  # fp32: the fold is slower
+        ]
+    )
+    ablation = gpu_check.ablation_by_precision(rows, ["bf16-autocast", "bf16", "fp16", "fp32"])
+    assert list(ablation["precisions"]) == ["bf16-autocast", "bf16", "fp32"]  # fp16 not measured: no entry
+    assert ablation["precisions"]["bf16-autocast"]["suggested_defaults"] == ["grn_fold", "square_sum_norm"]
+    assert ablation["suggested_by_dtype"] == {"bfloat16": ["grn_fold"], "float32": []}
