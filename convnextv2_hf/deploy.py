@@ -50,6 +50,19 @@ def import_optional(module: str, purpose: str):
         raise ImportError(f"{purpose} needs the {module!r} package ({error}): {INSTALL_HINT}") from None
 
 
+_OPENVINO_CORE = None
+
+
+def openvino_core():
+    """The process's one ``openvino.Core``. Every ``Core`` starts its own CPU thread pools; with several alive, a
+    process that later forks (DataLoader workers) and spawns children (torchrun) was seen to corrupt memory and
+    crash with OpenVINO 2026.4, so every model this package compiles shares one."""
+    global _OPENVINO_CORE
+    if _OPENVINO_CORE is None:
+        _OPENVINO_CORE = import_optional("openvino", "running the openvino export").Core()
+    return _OPENVINO_CORE
+
+
 def check_choice(runtime: str, precision: str) -> None:
     """``ValueError`` naming the runtime or precision that is unknown, or a pair no runtime offers."""
     if runtime not in RUNTIMES:
@@ -80,7 +93,7 @@ class RuntimeSession:
             self.output_names = [output.name for output in self._session.get_outputs()]
             self.compute_precision = "f32"
         else:
-            core = module.Core()
+            core = openvino_core()
             model = core.read_model(str(self.path))
             hint = {"INFERENCE_PRECISION_HINT": OPENVINO_COMPUTE[precision]}
             self._compiled = core.compile_model(model, "CPU", hint)

@@ -57,6 +57,7 @@ from .deploy import (
     RuntimeSession,
     check_choice,
     import_optional,
+    openvino_core,
 )
 from .modeling_convnextv2 import ConvNextV2Backbone, ConvNextV2ForImageClassification
 
@@ -336,7 +337,7 @@ def describe(entry: dict) -> str:
 def cpu_facts(formats: set[str]) -> dict:
     facts = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if "openvino" in formats:
-        core = import_optional("openvino", "the OpenVINO export").Core()
+        core = openvino_core()
         facts["openvino_device"] = core.get_property("CPU", "FULL_DEVICE_NAME")
         facts["openvino_capabilities"] = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     return facts

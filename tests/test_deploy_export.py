@@ -9,6 +9,7 @@ fp16-stored weights within 2e-3 of eager scores (measured ~1e-4).
 import json
 import os
 import runpy
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -394,3 +395,28 @@ def test_runner_refuses_a_folder_that_is_not_an_export(classifier_folder, export
     output, _ = exported
     with pytest.raises(ValueError, match=r"onnx offers the precisions f32, fp16, not bf16"):
         load_exported(output, "onnx", "bf16")
+
+
+@pytest.mark.slow
+def test_a_process_that_ran_openvino_can_still_fork_workers_and_spawn_children(classifier_folder, tmp_path):
+    """Found by the full suite: with one ``openvino.Core`` per compiled model (three for the three precisions), a
+    process that then forked DataLoader workers and waited on a child process died of a segmentation fault
+    (OpenVINO 2026.4). The package keeps one Core per process; the scenario runs in a child interpreter so that a
+    crash fails this test (exit status -11) instead of killing the test run."""
+    script = f"""
+import subprocess, sys, torch
+from convnextv2_hf.deploy import load_exported
+from convnextv2_hf.export import export_model
+export_model({str(classifier_folder)!r}, {str(tmp_path / "out")!r}, ["openvino"], ["f32", "bf16", "fp16"])
+for precision in ("f32", "bf16", "fp16"):
+    load_exported({str(tmp_path / "out")!r}, "openvino", precision)
+dataset = torch.utils.data.TensorDataset(torch.randn(8, 3))
+assert sum(len(batch[0]) for batch in torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)) == 8
+for _ in range(3):
+    assert subprocess.run([sys.executable, "-c", "import time; time.sleep(1)"]).returncode == 0
+print("survived")
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    report = (result.returncode, result.stderr[-2000:])
+    assert result.returncode == 0 and result.stdout.strip().endswith("survived"), report
