@@ -650,11 +650,12 @@ def vitmae_case(bench: Bench, mode: str, compiled: bool, pixels: torch.Tensor):
 
 # The fast paths, taken out of our model one at a time through the config switch (`config.fast_paths`): every path
 # on, every path but one, none. The variants share one model and its weights; each step sets the switch it needs.
-CLASSIFIER_FAST_PATHS = [name for name in FAST_PATH_NAMES if name != "sparse_depthwise_conv"]  # FCMAE only
+FCMAE_ONLY_PATHS = {"sparse_depthwise_conv", "sparse_downsample_matmul"}
+CLASSIFIER_FAST_PATHS = [name for name in FAST_PATH_NAMES if name not in FCMAE_ONLY_PATHS]
 
 
 # the sparse FCMAE step with every path on, without each of its training paths, and with none
-FCMAE_ABLATED_PATHS = ["sparse_depthwise_conv", "fused_gelu_grn_linear"]
+FCMAE_ABLATED_PATHS = ["sparse_depthwise_conv", "sparse_downsample_matmul", "fused_gelu_grn_linear"]
 
 
 def ablation_variants(paths: list[str] = CLASSIFIER_FAST_PATHS, ablated: list[str] | None = None):

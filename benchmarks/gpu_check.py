@@ -51,7 +51,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TEST_FILES = ["tests/test_fast_paths.py", "tests/test_modeling_convnextv2.py", "tests/test_fcmae.py"]
 INSTALLED_ENV = ROOT / "build" / "gpu-check-venv"
-FAST_PATHS = ["grn_fold", "inplace_gelu", "square_sum_norm", "fused_gelu_grn_linear", "sparse_depthwise_conv"]
+FAST_PATHS = [
+    "grn_fold", "inplace_gelu", "square_sum_norm", "fused_gelu_grn_linear", "sparse_depthwise_conv",
+    "sparse_downsample_matmul",
+]  # fmt: skip
 
 # (budget seconds per phase, cumulative): on an H100 the tests take about a minute, the eager benchmark about two,
 # and compiling V2-T inference twice and three training steps (FCMAE-B dense and sparse, ViTMAE-B) the rest; 480 s
@@ -98,6 +101,7 @@ ABLATION_GROUPS = {
     "square_sum_norm": ["infer", "train"],
     "fused_gelu_grn_linear": ["train", "fcmae"],
     "sparse_depthwise_conv": ["fcmae"],
+    "sparse_downsample_matmul": ["fcmae"],
 }
 NOISE = 0.03  # speed changes within 3% are read as none
 MEMORY_GAIN = 0.9  # a path that keeps the step at <= 90% of the memory without it is worth it at equal speed

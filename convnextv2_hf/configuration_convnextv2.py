@@ -53,7 +53,10 @@ FAST_PATH_NAMES = (
     "square_sum_norm",  # GRN's L2 norm as a chunked square-and-sum on CPU (eager)
     "fused_gelu_grn_linear",  # GELU, GRN and pwconv2 as one autograd function keeping only pwconv1's output
     "sparse_depthwise_conv",  # sparse FCMAE depthwise conv keeping the gathered input for its backward
+    "sparse_downsample_matmul",  # sparse FCMAE 2x2 stride-2 downsampling as one matmul on gathered windows
 )
+
+_BUILT = "_convnextv2_built"  # in a config's __dict__ once __post_init__ has checked the whole structure
 
 # Keyword arguments that transformers' PreTrainedConfig (and its backbone mixin) accepts beside the dataclass fields.
 PRETRAINED_CONFIG_KWARGS = (
@@ -427,13 +430,16 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
         ):
             self.label2id = {label: index for index, label in self.id2label.items()}
         self._check_values()
+        # from now on each assignment of a structure field is checked against the others (``__setattr__``); a flag of
+        # our own, not transformers' private one, and never saved (``to_dict``)
+        self.__dict__[_BUILT] = True
 
     def __setattr__(self, key: str, value: Any) -> None:
         name = type(self).attribute_map.get(key, key)  # num_hidden_layers -> num_stages
         value = check_field(name, value)
         # While the dataclass __init__ fills the fields one by one their partners may not be set yet; the whole
         # structure is checked at the end of __post_init__, and on each assignment once the config is built.
-        if name in STRUCTURE_FIELDS and self.__dict__.get("_post_init_done", False):
+        if name in STRUCTURE_FIELDS and self.__dict__.get(_BUILT, False):
             problem = structure_problem(lambda field: value if field == name else getattr(self, field))
             if problem is not None:
                 raise ValueError(
@@ -528,7 +534,7 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
         return config_dict, kwargs
 
     @classmethod
-    def _dict_from_json_file(cls, json_file) -> dict[str, Any]:
+    def _dict_from_json_file(cls, json_file) -> dict[str, Any]:  # a transformers hook: compat_convnextv2 checks it
         # transformers turns invalid JSON into an OSError naming no cause, and a JSON list into an AttributeError
         try:
             config_dict = super()._dict_from_json_file(json_file)
@@ -545,6 +551,7 @@ class ConvNextV2Config(_BuiltinConvNextV2Config):
         """As transformers' ``to_dict``, without ``allow_large_model``: the opt-in belongs to this session only."""
         output = super().to_dict()
         output.pop("allow_large_model", None)
+        output.pop(_BUILT, None)
         return output
 
     @classmethod

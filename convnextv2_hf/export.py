@@ -46,7 +46,7 @@ from torch import nn
 
 from . import __version__
 from .configuration_convnextv2 import ConvNextV2Config
-from .conversion.output import ConversionInterrupted, _describe_write_error, _signals_deferred, _signals_raise
+from .conversion.output import ConversionInterrupted, describe_write_error, signals_deferred, signals_raise
 from .deploy import (
     FILES,
     OPENVINO_COMPUTE,
@@ -355,7 +355,7 @@ def staged_folder(target: Path) -> Iterator[Path]:
     created = [parent for parent in [target.parent, *target.parent.parents] if not parent.exists()]
     staging = None
     try:
-        with _signals_raise():
+        with signals_raise():
             try:
                 for parent in reversed(created):
                     parent.mkdir()
@@ -366,7 +366,7 @@ def staged_folder(target: Path) -> Iterator[Path]:
                 staging.rename(target)  # replaces nothing but an empty folder (check_output_dir)
                 staging = None
             except BaseException:
-                with _signals_deferred():
+                with signals_deferred():
                     if staging is not None:
                         shutil.rmtree(staging, ignore_errors=True)
                     for parent in created:
@@ -374,7 +374,7 @@ def staged_folder(target: Path) -> Iterator[Path]:
                             parent.rmdir()
                 raise
     except OSError as error:
-        raise ValueError(_describe_write_error(error, target)) from None
+        raise ValueError(describe_write_error(error, target)) from None
 
 
 def export_model(

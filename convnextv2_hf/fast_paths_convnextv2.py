@@ -13,6 +13,12 @@ or names exactly the ones to use. The paths, by name (``FAST_PATH_NAMES`` in the
   pwconv1's output for the backward (GELU's and GRN's outputs are recomputed there).
 - ``sparse_depthwise_conv``: in sparse FCMAE training, the depthwise conv keeps the gathered visible input for its
   backward instead of the zero-filled full-resolution map.
+- ``sparse_downsample_matmul``: in the sparse FCMAE encoder, the 2x2 stride-2 downsampling conv of gathered windows
+  as one matmul with the flattened kernel, instead of the conv on each window as a 2x2 image.
+
+The paths know the model only through the small interface declared below (``BlockInterface``, ``GRNInterface``,
+``SparseMaskInterface``): attribute and method names, never the model's classes. A GRN layer may be fused only when
+its exact class declares ``fast_path_fusable = True`` (a subclass does not inherit the permission).
 
 This file travels to the Hub as remote code beside the modeling file: it imports only torch, transformers and its
 sibling configuration file.
@@ -20,19 +26,57 @@ sibling configuration file.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import GELUActivation
 
+from .compat_convnextv2 import convolution_backward, cpu_has_native_bf16, functorch_transforms_active, has_forward_hooks
 from .configuration_convnextv2 import FAST_PATH_NAMES
 
-if TYPE_CHECKING:  # the modeling file imports this one; no import cycle at run time
-    from .modeling_convnextv2 import ConvNextV2GRN, ConvNextV2Layer
-
 GRN_EPS = 1e-6
+
+
+class GRNInterface(Protocol):
+    """What the fast paths use of a GRN layer: GRN(x) = x * scale(norm(x)) + bias."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def norm(self, hidden_states: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-sample channel norm over the (visible) positions, (N, C), accumulated in fp32 or wider."""
+
+    def scale(self, norm: torch.Tensor) -> torch.Tensor:
+        """The per-sample channel scale from ``norm``, (N, C)."""
+
+    def __call__(
+        self, hidden_states: torch.Tensor, visible: torch.Tensor | None = None, norm: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """GRN of ``hidden_states`` (channels last), with ``norm`` when already computed."""
+
+
+class BlockInterface(Protocol):
+    """What the fast paths use of a block: its setting and the layers of pwconv1 -> act -> GRN -> pwconv2."""
+
+    fast_paths: bool | list[str]  # config.fast_paths
+    hidden_act: str  # the activation's name ("gelu": exact GELU, which the fused paths implement)
+    pwconv1: nn.Linear
+    act: nn.Module
+    grn: GRNInterface
+    pwconv2: nn.Linear
+
+
+class SparseMaskInterface(Protocol):
+    """What the fast paths use of a sparse FCMAE stage mask: (N, V, C) visible rows <-> (N, C, h, w) maps."""
+
+    def gather(self, channels_last: torch.Tensor) -> torch.Tensor:
+        """(N, h, w, C) -> the visible positions (N, V, C)."""
+
+    def to_dense(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, V, C) -> (N, C, h, w) with zeros at masked positions."""
+
 
 # Which paths ``fast_paths=True`` runs, per (device type, compute dtype); the compute dtype is autocast's where
 # autocast is on for the device, else the activation's (``compute_dtype``). Each choice is the measured one:
@@ -75,9 +119,7 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
 def native_bf16_cpu() -> bool:
     """Whether this CPU runs bf16 matrix products natively (AMX-BF16 tiles or AVX512-BF16), where bf16 can pay.
     Elsewhere (this project's AVX2 EPYC, for one) torch emulates bf16, which is slower than fp32."""
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return any(bool(check()) for check in checks if check is not None)
+    return cpu_has_native_bf16()
 
 
 def default_fast_paths(tensor: torch.Tensor) -> frozenset[str]:
@@ -108,31 +150,20 @@ def fast_path_allowed(name: str, setting: bool | list[str], tensor: torch.Tensor
         torch.jit.is_tracing()
         or torch.jit.is_scripting()
         or torch.compiler.is_compiling()
-        or _is_exporting()
-        or torch._C._are_functorch_transforms_active()
+        or torch.compiler.is_exporting()
+        or functorch_transforms_active()
     ):
         return False
     return all(is_bare(layer) for layer in layers)
 
 
-def _is_exporting() -> bool:
-    # torch.compiler.is_exporting arrived after torch 2.4, the oldest torch this package admits
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting and is_exporting())
-
-
 def is_bare(layer: nn.Module) -> bool:
     """A layer that nothing wraps or observes: exactly an ``nn.Linear``, ``nn.Conv2d``, GRN or transformers' GELU (not
     a subclass, not a PEFT/quantized/parametrized replacement), with no hooks."""
-    if type(layer) not in (nn.Linear, nn.Conv2d, GELUActivation) and type(layer).__name__ != "ConvNextV2GRN":
+    kind = type(layer)
+    if kind not in (nn.Linear, nn.Conv2d, GELUActivation) and kind.__dict__.get("fast_path_fusable") is not True:
         return False
-    return (
-        not layer._forward_hooks
-        and not layer._forward_pre_hooks
-        and not nn.modules.module._global_forward_hooks
-        and not nn.modules.module._global_forward_pre_hooks
-        and not getattr(layer, "parametrizations", None)
-    )
+    return not has_forward_hooks(layer) and not getattr(layer, "parametrizations", None)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -178,7 +209,7 @@ def _sqrt_zero_gradient_at_zero(sum_of_squares: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_grn_linear(
-    layer: ConvNextV2Layer, features: torch.Tensor, visible: torch.Tensor | None
+    layer: BlockInterface, features: torch.Tensor, visible: torch.Tensor | None
 ) -> torch.Tensor | None:
     """``layer.pwconv2(layer.grn(layer.act(features), visible))`` by whichever fast paths may run here, or ``None``
     when none may (the caller then runs the reference)."""
@@ -208,7 +239,7 @@ def gelu_grn_linear(
 
 
 def grn_norm(
-    grn: ConvNextV2GRN, hidden_states: torch.Tensor, visible: torch.Tensor | None, square_sum: bool
+    grn: GRNInterface, hidden_states: torch.Tensor, visible: torch.Tensor | None, square_sum: bool
 ) -> torch.Tensor:
     """GRN's per-sample channel norm (N, C): ``grn.norm``, or the same numbers by the square-sum path."""
     if not square_sum:
@@ -227,7 +258,7 @@ def folds(hidden_states: torch.Tensor, linear: nn.Linear) -> bool:
 
 
 def grn_into_linear(
-    grn: ConvNextV2GRN, hidden_states: torch.Tensor, linear: nn.Linear, visible: torch.Tensor | None, norm: torch.Tensor
+    grn: GRNInterface, hidden_states: torch.Tensor, linear: nn.Linear, visible: torch.Tensor | None, norm: torch.Tensor
 ) -> torch.Tensor:
     """``linear(grn(hidden_states, visible))`` without writing GRN's output: GRN(x) = x * s_n + beta, so
     (x * s_n + beta) W^T + b = x (W * s_n)^T + (W beta + b), one batched matmul with a per-sample weight (N, out, in).
@@ -380,19 +411,13 @@ class SparseDepthwiseConv(torch.autograd.Function):
         hidden_states, weight, _ = ctx.saved_tensors
         mask, conv, dtype = ctx.mask, ctx.conv, ctx.compute_dtype
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_input, grad_weight = torch.ops.aten.convolution_backward(
+        grad_input, grad_weight = convolution_backward(
             mask.to_dense(grad.to(dtype)),
             mask.to_dense(hidden_states.to(dtype)),
             weight.to(dtype),
-            None,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            False,
-            [0, 0],
-            conv.groups,
-            [needs_input, needs_weight, False],
-        )[:2]
+            conv,
+            [needs_input, needs_weight],
+        )
         if grad_input is not None:
             grad_input = mask.gather(grad_input.permute(0, 2, 3, 1)).to(hidden_states.dtype)
         if grad_weight is not None:
@@ -404,20 +429,40 @@ class SparseDepthwiseConv(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None
 
 
-def sparse_depthwise_conv(mask, conv: nn.Conv2d, hidden_states: torch.Tensor, setting) -> torch.Tensor | None:
+def sparse_depthwise_conv(
+    mask: SparseMaskInterface, conv: nn.Conv2d, hidden_states: torch.Tensor, setting
+) -> torch.Tensor | None:
     """The sparse stage's depthwise conv by ``SparseDepthwiseConv`` where it may run (training), else ``None``."""
     if hidden_states.requires_grad and fast_path_allowed("sparse_depthwise_conv", setting, hidden_states, conv):
         return SparseDepthwiseConv.apply(hidden_states, conv.weight, conv.bias, mask, conv)
     return None
 
 
+def sparse_downsample_matmul(windows: torch.Tensor, conv: nn.Conv2d, setting) -> torch.Tensor | None:
+    """The sparse stage's 2x2 stride-2 downsampling conv on gathered windows (N, W, 4C), each window's positions in
+    (row, column) order with its channels last, as one matmul with the flattened kernel; ``None`` where the path may
+    not run (the caller then runs the conv on each window as a 2x2 image, the same numbers)."""
+    if not fast_path_allowed("sparse_downsample_matmul", setting, windows, conv):
+        return None
+    return downsample_as_matmul(windows, conv)
+
+
+def downsample_as_matmul(windows: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (out, row, col, in) flattened
+    return F.linear(windows, weight, conv.bias)
+
+
 __all__ = [
+    "BlockInterface",
     "DEVICE_DEFAULTS",
+    "GRNInterface",
+    "SparseMaskInterface",
     "compute_dtype",
     "default_fast_paths",
     "fast_path_allowed",
     "gelu_grn_linear",
     "native_bf16_cpu",
     "sparse_depthwise_conv",
+    "sparse_downsample_matmul",
     "square_sum_norm",
 ]

@@ -51,10 +51,10 @@ from transformers.image_utils import (
     PILImageResampling,
     SizeDict,
 )
-from transformers.models.auto import image_processing_auto
 from transformers.models.convnext.image_processing_convnext import ConvNextImageProcessor
 from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
 
+from .compat_convnextv2 import prefer_pil_backend, register_image_processor_classes
 from .image_loading import decode_image, eight_bit_from_float
 from .pipelines import register_pipelines
 
@@ -234,7 +234,7 @@ class _OfficialEvalDefaults:
         if kwargs.get("device") is not None:
             _check_device(kwargs["device"])
 
-    def _validate_preprocess_kwargs(self, **kwargs):
+    def _validate_preprocess_kwargs(self, **kwargs):  # a transformers hook: compat_convnextv2 checks it is called
         self._check_call_settings(kwargs)
         super()._validate_preprocess_kwargs(**kwargs)
 
@@ -322,14 +322,11 @@ def register_saved_pil_type() -> None:
     torchvision. The name stays a string in the entry, so lookups of transformers' own ConvNeXt PIL class by
     name are untouched. Idempotent.
     """
-    image_processing_auto.IMAGE_PROCESSOR_MAPPING.register(
+    register_image_processor_classes(
         "convnextv2_hf saved PIL processors",
         {"torchvision": ConvNextV2ImageProcessor, "pil": ConvNextV2ImageProcessorPil, "saved as": SAVED_PIL_TYPE},
-        exist_ok=True,
     )
-    pil_by_default = image_processing_auto.DEFAULT_TO_PIL_BACKEND_IMAGE_PROCESSORS
-    if SAVED_PIL_TYPE not in pil_by_default:
-        pil_by_default.append(SAVED_PIL_TYPE)
+    prefer_pil_backend(SAVED_PIL_TYPE)
 
 
 register_saved_pil_type()

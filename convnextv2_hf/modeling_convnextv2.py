@@ -38,8 +38,9 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
+from .compat_convnextv2 import functorch_transforms_active
 from .configuration_convnextv2 import MAX_BLOCKS, MAX_PARAMETERS, ConvNextV2Config, check_local_path
-from .fast_paths_convnextv2 import gelu_grn_linear, is_bare, sparse_depthwise_conv
+from .fast_paths_convnextv2 import gelu_grn_linear, sparse_depthwise_conv, sparse_downsample_matmul
 
 GRN_EPS = 1e-6
 BLOCK_NORM_EPS = 1e-6
@@ -295,6 +296,10 @@ class ConvNextV2GRN(nn.Module):
     so a half-precision sum of squares cannot overflow.
     """
 
+    # the fast paths may fuse this exact class (not a subclass) into its neighbours: it offers their GRN interface
+    # (``fast_paths_convnextv2.GRNInterface``: weight, bias, norm, scale, a call taking ``norm``)
+    fast_path_fusable = True
+
     def __init__(self, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1, 1, 1, dim))
@@ -386,7 +391,7 @@ class StageMask(Protocol):
     def to_residual(self, branch: torch.Tensor) -> torch.Tensor:
         """A block's channels-last branch output in the residual stream's layout."""
 
-    def downsample(self, norm: nn.Module, conv: nn.Conv2d, hidden_states: torch.Tensor) -> torch.Tensor:
+    def downsample(self, norm: nn.Module, conv: nn.Conv2d, hidden_states: torch.Tensor, fast_paths) -> torch.Tensor:
         """The stage's LayerNorm + 2x2 stride-2 conv, from the previous stage's stream into this one's."""
 
 
@@ -415,7 +420,7 @@ class DenseStageMask:
     def to_residual(self, branch: torch.Tensor) -> torch.Tensor:
         return branch.permute(0, 3, 1, 2)
 
-    def downsample(self, norm: nn.Module, conv: nn.Conv2d, hidden_states: torch.Tensor) -> torch.Tensor:
+    def downsample(self, norm: nn.Module, conv: nn.Conv2d, hidden_states: torch.Tensor, fast_paths) -> torch.Tensor:
         return conv(norm(hidden_states))
 
 
@@ -463,14 +468,14 @@ class SparseStageMask:
     def to_residual(self, branch: torch.Tensor) -> torch.Tensor:
         return branch
 
-    def downsample(self, norm: nn.Module, conv: nn.Conv2d, hidden_states: torch.Tensor) -> torch.Tensor:
+    def downsample(self, norm: nn.Module, conv: nn.Conv2d, hidden_states: torch.Tensor, fast_paths) -> torch.Tensor:
         hidden_states = norm(hidden_states)
         batch, positions, channels = hidden_states.shape
         windows = hidden_states.reshape(batch, positions // 4, 4 * channels)  # (row, col, channel) per window
-        if is_bare(conv):  # the 2x2 stride-2 conv of a window is a matmul with the flattened kernel
-            weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, 4 * channels)
-            return F.linear(windows, weight, conv.bias)
-        # a wrapped or hooked conv is called as a module, on each window as a 2x2 image
+        fast = sparse_downsample_matmul(windows, conv, fast_paths)
+        if fast is not None:
+            return fast
+        # the conv, called as a module, on each window as a 2x2 image
         images = windows.reshape(-1, 2, 2, channels).permute(0, 3, 1, 2)
         return conv(images).reshape(batch, positions // 4, -1)
 
@@ -515,7 +520,7 @@ def draw_mask(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
         raise ValueError(f"noise must hold real numbers (one per patch, smallest kept), got dtype {noise.dtype}")
     # NaN would sort last (removed) and infs tie: a mask nobody asked for. Reading the values is a host sync, and
     # impossible inside a graph being traced or compiled: there the check steps aside.
-    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling() or functorch_transforms_active()
     if not tracing and not bool(torch.isfinite(noise).all()):
         bad = int(torch.isfinite(noise).logical_not_().sum())
         raise ValueError(
@@ -654,6 +659,7 @@ class ConvNextV2Stage(nn.Module):
         drop_path_rates: list[float] | None = None,
     ):
         super().__init__()
+        self.config = config  # read at run time: config.fast_paths may change after construction
         if in_channels != out_channels or stride > 1:
             self.downsampling_layer = nn.ModuleList(
                 [
@@ -674,7 +680,7 @@ class ConvNextV2Stage(nn.Module):
             if stage_mask is None:
                 hidden_states = conv(norm(hidden_states))
             else:
-                hidden_states = stage_mask.downsample(norm, conv, hidden_states)
+                hidden_states = stage_mask.downsample(norm, conv, hidden_states, self.config.fast_paths)
         for layer in self.layers:
             hidden_states = layer(hidden_states, stage_mask)
         return hidden_states

@@ -21,9 +21,10 @@ import os
 import urllib.error
 import urllib.request
 
-from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.image_classification import ImageClassificationPipeline
 from transformers.pipelines.image_feature_extraction import ImageFeatureExtractionPipeline
+
+from .compat_convnextv2 import replace_pipeline_class
 
 
 def reads_image_sources(image_processor) -> bool:
@@ -91,8 +92,7 @@ def register_pipelines() -> None:
     ``trust_remote_code``.) Idempotent.
     """
     for task, pipeline_class in PIPELINES.items():
-        entry = PIPELINE_REGISTRY.supported_tasks[task]
-        PIPELINE_REGISTRY.supported_tasks[task] = {**entry, "impl": pipeline_class}
+        replace_pipeline_class(task, pipeline_class)
 
 
 __all__ = [

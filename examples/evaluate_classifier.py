@@ -68,6 +68,10 @@ class EvaluationArguments:
     image_size: int | None = field(default=None, metadata={"help": "override the saved processor's size"})
     batch_size: int = 64
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16_autocast: bool = field(
+        default=False,
+        metadata={"help": "evaluate under torch.autocast(bfloat16), as a Trainer run with --bf16 evaluates"},
+    )
 
 
 def check_arguments(args: EvaluationArguments) -> None:
@@ -178,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         to_model_id = np.arange(model.config.num_labels)
     metric = load_top_k_accuracy()
     for pixels, labels in evaluation_batches(dataset, processor, args):
-        with torch.inference_mode():
+        device_type = torch.device(args.device).type
+        with torch.inference_mode(), torch.autocast(device_type, torch.bfloat16, enabled=args.bf16_autocast):
             logits = model(pixels.to(args.device)).logits.float().cpu().numpy()
         if labels.min() < 0 or labels.max() >= len(to_model_id):
             raise ValueError(f"labels must be class ids in [0, {len(to_model_id)}), got {sorted(set(labels.tolist()))}")

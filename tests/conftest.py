@@ -1,5 +1,6 @@
+"""Pytest hooks (--device, the markers) and fixtures; the helpers several test files use are in helpers.py."""
+
 import os
-import socket
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -7,24 +8,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import tiny_config  # noqa: E402
 
 from convnextv2_hf import ConvNextV2Config  # noqa: E402
-
-
-def tiny_config(**overrides) -> ConvNextV2Config:
-    """A 4-stage config small enough for CPU tests but with every structural feature (depth > 1 per stage)."""
-    fields = dict(depths=[2, 1, 2, 1], hidden_sizes=[8, 16, 24, 32], decoder_hidden_size=16, num_labels=5)
-    fields.update(overrides)
-    return ConvNextV2Config(**fields)
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
-    """Perturb every parameter (GRN and LayerNorm included, which start at constants) so parity tests exercise them."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
-    return model
 
 
 @pytest.fixture
@@ -64,11 +50,3 @@ def device(request) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     return device
-
-
-def free_port() -> str:
-    """A free TCP port on 127.0.0.1 for torchrun's --master_port: the default 29500 collides when two multi-process
-    tests run at once (two test sessions, or a run beside another job)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])

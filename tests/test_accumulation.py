@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, randomize_, tiny_config
+from helpers import free_port, randomize_, tiny_config
 from safetensors.torch import load_file
 
 from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling

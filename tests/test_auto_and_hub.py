@@ -9,7 +9,8 @@ import textwrap
 import pytest
 import torch
 import transformers
-from conftest import randomize_, tiny_config
+from expected_errors import MODEL_BEYOND_THE_BOUNDS
+from helpers import randomize_, tiny_config
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -64,6 +65,7 @@ def test_saved_checkpoints_are_safetensors_with_remote_code_files(tmp_path):
     randomize_(ConvNextV2ForMaskedImageModeling(tiny_config())).save_pretrained(tmp_path)
     files = sorted(os.listdir(tmp_path))
     assert files == [
+        "compat_convnextv2.py",
         "config.json",
         "configuration_convnextv2.py",
         "fast_paths_convnextv2.py",
@@ -258,4 +260,4 @@ def test_loading_checks_travel_with_the_remote_code(tmp_path):
     )
     assert "stores the tensor 'mask_token' as I8" in got["int8"]
     assert "names the shard '../outside.safetensors', which is outside" in got["sharded"]
-    assert "beyond the bounds" in got["deep"] and "allow_large_model=True" in got["deep"]
+    assert MODEL_BEYOND_THE_BOUNDS in got["deep"] and "allow_large_model=True" in got["deep"]

@@ -10,17 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from convnextv2_hf.fast_paths_convnextv2 import native_bf16_cpu
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_benchmark_runs_every_group_and_writes_ratios(tmp_path):
     output = tmp_path / "results.json"
     command = [
-        sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--model", "atto", "--fcmae-model", "atto",
+        sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--model", "atto", "--fcmae-model", "atto",
         "--image-size", "64", "--batch", "2", "--train-batch", "2", "--fcmae-batch", "2", "--warmup", "0",
         "--repeats", "1", "--output", str(output), "--only", "infer", "train", "fcmae", "ablate", "--peak-size", "256",
         "--vitmae", "tiny",
@@ -87,7 +86,7 @@ def test_benchmark_runs_every_group_and_writes_ratios(tmp_path):
 
 
 def load_benchmark_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
     import benchmark
 
     return benchmark
@@ -107,7 +106,7 @@ def test_a_preset_sets_defaults_that_flags_override():
 def test_time_budget_skips_what_would_start_after_it_and_still_writes_the_json(tmp_path):
     output = tmp_path / "results.json"
     command = [
-        sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--model", "atto", "--image-size", "64",
+        sys.executable, str(REPO / "benchmarks" / "benchmark.py"), "--model", "atto", "--image-size", "64",
         "--batch", "2", "--repeats", "1", "--warmup", "0", "--only", "infer", "train", "--time-budget", "0",
         "--output", str(output),
     ]  # fmt: skip
@@ -140,7 +139,7 @@ def test_bad_arguments_are_usage_errors(args, message, capsys):
 
 def test_the_main_job_uses_bf16_autocast_only_where_the_cpu_has_native_bf16(monkeypatch):
     # the CPU's instructions cannot be changed in a test: the detection is patched (a stand-in for an AMX machine)
-    sys.path.insert(0, str(ROOT / "examples"))
+    sys.path.insert(0, str(REPO / "examples"))
     import main_job
     from transformers import HfArgumentParser
 

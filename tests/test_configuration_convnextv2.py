@@ -4,7 +4,17 @@ import re
 
 import pytest
 import transformers
-from conftest import tiny_config
+from expected_errors import (
+    CONFIG_OF_ANOTHER_ARCHITECTURE,
+    DEPTHS_AND_WIDTHS_LENGTHS_DIFFER,
+    ID2LABEL_KEY_NOT_AN_INDEX,
+    ID2LABEL_VALUE_NOT_A_NAME,
+    LABEL_MAPS_DISAGREE,
+    MASK_RATIO_OUT_OF_RANGE,
+    NUM_LABELS_AGAINST_ID2LABEL,
+    UNKNOWN_PRESET,
+)
+from helpers import tiny_config
 
 from convnextv2_hf import PRESETS, ConvNextV2Config, ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
 
@@ -31,7 +41,7 @@ def test_from_preset_builds_each_official_size(name):
 
 def test_from_preset_accepts_model_style_names_and_rejects_unknown():
     assert ConvNextV2Config.from_preset("convnextv2-tiny").hidden_sizes == [96, 192, 384, 768]
-    with pytest.raises(ValueError, match="unknown ConvNeXt V2 preset 'gigantic'"):
+    with pytest.raises(ValueError, match=UNKNOWN_PRESET):
         ConvNextV2Config.from_preset("gigantic")
 
 
@@ -40,12 +50,12 @@ def test_from_preset_accepts_model_style_names_and_rejects_unknown():
 # (field, bad value, what the message says about it). Each rule is checked on the value alone, so the same table
 # drives construction, from_dict/from_pretrained overrides and assignment.
 BAD_VALUES = [
-    ("mask_ratio", 0, "0 < mask_ratio < 1"),  # removes no patch: the loss would be 0/0
-    ("mask_ratio", 0.0, "0 < mask_ratio < 1"),
-    ("mask_ratio", 1, "0 < mask_ratio < 1"),
-    ("mask_ratio", 1.5, "0 < mask_ratio < 1"),
-    ("mask_ratio", -0.5, "0 < mask_ratio < 1"),
-    ("mask_ratio", math.nan, "0 < mask_ratio < 1"),
+    ("mask_ratio", 0, MASK_RATIO_OUT_OF_RANGE),  # removes no patch: the loss would be 0/0
+    ("mask_ratio", 0.0, MASK_RATIO_OUT_OF_RANGE),
+    ("mask_ratio", 1, MASK_RATIO_OUT_OF_RANGE),
+    ("mask_ratio", 1.5, MASK_RATIO_OUT_OF_RANGE),
+    ("mask_ratio", -0.5, MASK_RATIO_OUT_OF_RANGE),
+    ("mask_ratio", math.nan, MASK_RATIO_OUT_OF_RANGE),
     ("mask_ratio", "half", "must be a number"),
     ("mask_ratio", True, "must be a number"),
     ("depths", [2, 1, 2.0, 1], "non-empty list of positive ints"),
@@ -155,7 +165,7 @@ def test_valid_edge_values_are_accepted(overrides, check):
             {"patch_size": 8, "mask_patch_size": 32},
             "mask_patch_size must be a positive multiple of the total stride 64",
         ),
-        ({"depths": [1, 1, 1], "hidden_sizes": [8, 16, 24, 32]}, "depths and hidden_sizes must have the same length"),
+        ({"depths": [1, 1, 1], "hidden_sizes": [8, 16, 24, 32]}, DEPTHS_AND_WIDTHS_LENGTHS_DIFFER),
         ({"depths": [1, 1, 1], "hidden_sizes": [8, 16, 24]}, "num_stages=4 does not match the 3 stages"),
     ],
 )
@@ -351,15 +361,15 @@ def test_stock_config_with_unknown_keys_still_loads(tmp_path):
 
 def test_config_of_another_architecture_is_a_value_error(tmp_path):
     transformers.ConvNextConfig().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="another architecture \\(model_type='convnext'"):
+    with pytest.raises(ValueError, match=CONFIG_OF_ANOTHER_ARCHITECTURE):
         ConvNextV2Config.from_pretrained(tmp_path)
 
 
 # ---- id2label and label2id ----------------------------------------------------------------------------------------
 
 BAD_LABEL_MAPS = [
-    ({"id2label": {"0": 5}}, r"id2label values must be label names \(str\), but '0' maps to 5"),
-    ({"id2label": {"cat": "a"}}, r"id2label keys must be class indices .*not 'cat'"),
+    ({"id2label": {"0": 5}}, ID2LABEL_VALUE_NOT_A_NAME),
+    ({"id2label": {"cat": "a"}}, ID2LABEL_KEY_NOT_AN_INDEX),
     ({"id2label": ["a", "b"]}, r"id2label must be a dict from class index to label name, got a list"),
     ({"id2label": {0: "a", 5: "b"}}, r"id2label must name the classes 0 .. 1 \(one per logit\), got the keys \[0, 5\]"),
     ({"label2id": {"cat": "x"}}, r"label2id values must be class indices \(ints\), but 'cat' maps to 'x'"),
@@ -367,7 +377,7 @@ BAD_LABEL_MAPS = [
     ({"label2id": {"a": 0, "b": 0}}, r"label2id\['a'\] = 0 but id2label\[0\] = '(b|LABEL_0)'"),
     (
         {"id2label": {0: "a", 1: "b"}, "label2id": {"a": 1, "b": 0}},
-        r"label2id and id2label disagree: label2id\['a'\] = 1 but id2label\[1\] = 'b'",
+        LABEL_MAPS_DISAGREE,
     ),
     ({"id2label": {0: "a", 1: "b"}, "label2id": {"a": 0}}, r"label2id lacks the labels \['b'\] of id2label"),
     ({"id2label": {0: "a", 1: "b"}, "label2id": {"a": 0, "b": 1, "c": 2}}, r"label2id\['c'\] = 2 but id2label\[2\]"),
@@ -411,7 +421,7 @@ def test_label_maps_that_agree_are_kept_and_repeated_names_are_allowed():
 def test_num_labels_must_count_the_named_classes_except_for_a_new_head_when_loading(tmp_path):
     # transformers warns, then silently replaces the two names with five placeholders
     assert transformers.ConvNextV2Config(num_labels=5, id2label={0: "a", 1: "b"}).id2label[0] == "LABEL_0"
-    with pytest.raises(ValueError, match=r"num_labels=5 does not match the 2 classes named by id2label"):
+    with pytest.raises(ValueError, match=NUM_LABELS_AGAINST_ID2LABEL):
         ConvNextV2Config(num_labels=5, id2label={0: "a", 1: "b"})
     with pytest.raises(ValueError, match=r"num_labels=3 does not match the 2 classes named by label2id"):
         ConvNextV2Config(num_labels=3, label2id={"a": 0, "b": 1})

@@ -1,24 +1,41 @@
 """Conversion of official checkpoints: the table, the three layouts, verification against timm, bad inputs,
 model cards, convert-all and pushing to a local fake Hub.
 
-Checkpoints are synthetic: random weights written here in each official layout (key names and shapes as in the
-official code, github.com/facebookresearch/ConvNeXt-V2: models/convnextv2.py, models/convnextv2_sparse.py and
-models/fcmae.py). The sparse (pretraining) layout is written from dense tensors with the inverse of the
+Checkpoints are synthetic: random weights written in each official layout by ``helpers`` (key names and shapes as
+in the official code, github.com/facebookresearch/ConvNeXt-V2: models/convnextv2.py, models/convnextv2_sparse.py
+and models/fcmae.py). The sparse (pretraining) layout is written from dense tensors with the inverse of the
 documented kernel remapping, so converting it back must reproduce the dense model.
 """
 
 import argparse
 import hashlib
-import importlib.util
 import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
+from expected_errors import (
+    CODE_RUNNING_PICKLE_REFUSED,
+    INJECTED_CARD_FAILURE_MATCH,
+    MISSING_TENSOR,
+    NOT_A_PYTORCH_CHECKPOINT,
+    OUTPUT_FOLDER_EXISTS,
+    SHAPES_OF_ANOTHER_SIZE_THAN_NAMED,
+    UNEXPECTED_TENSOR,
+)
+from helpers import (
+    CUSTOM,
+    REPO,
+    broken_card_save,
+    load_script,
+    official_dense,
+    official_pretraining,
+    save_official,
+    write_bad_input,
+)
 from hub_server import hub_server  # noqa: F401  (fixture)
 from huggingface_hub import ModelCard
 from timm.models.convnext import checkpoint_filter_fn
@@ -54,112 +71,16 @@ from convnextv2_hf.conversion import (
 )
 from convnextv2_hf.model_card import MODEL_CARD_TEMPLATE, write_model_cards
 
-REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
 IMAGE_SIZE = 64  # verification inputs in tests
 ATTO = ([2, 2, 6, 2], [40, 80, 160, 320])
 FEMTO = ([2, 2, 6, 2], [48, 96, 192, 384])
-CUSTOM = ([1, 2, 1, 1], [16, 24, 32, 48])  # no official size has these shapes
 DIFF = re.compile(r"max abs diff ([0-9.]+e[+-]\d+)")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Synthetic official checkpoints
+# References and readings (the synthetic official checkpoints are in helpers)
 # ----------------------------------------------------------------------------------------------------------
-
-
-class _Random:
-    """Weights at the official init scale (std 0.02 around 0, norms around 1), so outputs stay O(1)."""
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, *shape: int, offset: float = 0.0, scale: float = 0.03) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator) * scale + offset
-
-
-def official_block(prefix: str, dim: int, rand: _Random) -> dict[str, torch.Tensor]:
-    return {
-        f"{prefix}dwconv.weight": rand(dim, 1, 7, 7),
-        f"{prefix}dwconv.bias": rand(dim),
-        f"{prefix}norm.weight": rand(dim, offset=1.0),
-        f"{prefix}norm.bias": rand(dim),
-        f"{prefix}pwconv1.weight": rand(4 * dim, dim),
-        f"{prefix}pwconv1.bias": rand(4 * dim),
-        f"{prefix}grn.gamma": rand(1, 1, 1, 4 * dim, scale=0.3),
-        f"{prefix}grn.beta": rand(1, 1, 1, 4 * dim),
-        f"{prefix}pwconv2.weight": rand(dim, 4 * dim),
-        f"{prefix}pwconv2.bias": rand(dim),
-    }
-
-
-def official_dense(shapes, *, num_classes: int | None = None, final_norm: bool = True, seed: int = 0) -> dict:
-    """The official dense layout: fine-tuned (final norm + head) or FCMAE encoder (neither)."""
-    depths, widths = shapes
-    rand = _Random(seed)
-    state = {
-        "downsample_layers.0.0.weight": rand(widths[0], 3, 4, 4, scale=0.1),
-        "downsample_layers.0.0.bias": rand(widths[0]),
-        "downsample_layers.0.1.weight": rand(widths[0], offset=1.0),
-        "downsample_layers.0.1.bias": rand(widths[0]),
-    }
-    for stage in range(1, len(depths)):
-        state[f"downsample_layers.{stage}.0.weight"] = rand(widths[stage - 1], offset=1.0)
-        state[f"downsample_layers.{stage}.0.bias"] = rand(widths[stage - 1])
-        state[f"downsample_layers.{stage}.1.weight"] = rand(widths[stage], widths[stage - 1], 2, 2)
-        state[f"downsample_layers.{stage}.1.bias"] = rand(widths[stage])
-    for stage, (depth, width) in enumerate(zip(depths, widths, strict=True)):
-        for block in range(depth):
-            state.update(official_block(f"stages.{stage}.{block}.", width, rand))
-    if final_norm:
-        state.update({"norm.weight": rand(widths[-1], offset=1.0), "norm.bias": rand(widths[-1])})
-    if num_classes:
-        state.update({"head.weight": rand(num_classes, widths[-1]), "head.bias": rand(num_classes)})
-    return state
-
-
-def dense_to_sparse_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """Inverse of the documented remapping: (out, in, k, k) -> (k*k, in, out), window in the other axis order."""
-    out_channels, in_channels, k, _ = weight.shape
-    return weight.transpose(2, 3).reshape(out_channels, in_channels, k * k).permute(2, 1, 0)
-
-
-def official_pretraining(encoder: dict, *, decoder_width: int, decoder_depth: int, seed: int = 1) -> dict:
-    """A checkpoint of the official pretraining code: the MinkowskiEngine encoder (from dense ``encoder``
-    tensors) plus the dense decoder ``proj``, ``mask_token``, ``decoder.k``, ``pred``."""
-    state = {}
-    for name, tensor in encoder.items():
-        module, param = name.rsplit(".", 1)
-        if name.startswith("downsample_layers.0."):  # the stem stays a dense conv and LayerNorm
-            state[f"encoder.{name}"] = tensor
-        elif module.endswith(".norm") or re.fullmatch(r"downsample_layers\.\d+\.0", module):
-            state[f"encoder.{module}.ln.{param}"] = tensor
-        elif module.endswith(("pwconv1", "pwconv2")):
-            state[f"encoder.{module}.linear.{param}"] = tensor
-        elif module.endswith(".grn") or param == "bias":
-            state[f"encoder.{name}"] = tensor.reshape(1, -1)
-        else:
-            kernel = dense_to_sparse_kernel(tensor)
-            state[f"encoder.{module}.kernel"] = kernel[:, 0, :] if module.endswith("dwconv") else kernel
-    rand = _Random(seed)
-    last_width = encoder["downsample_layers.3.1.weight"].shape[0]
-    state.update(
-        {
-            "proj.weight": rand(decoder_width, last_width, 1, 1),
-            "proj.bias": rand(decoder_width),
-            "mask_token": rand(1, decoder_width, 1, 1),
-            "pred.weight": rand(32 * 32 * 3, decoder_width, 1, 1),
-            "pred.bias": rand(32 * 32 * 3),
-        }
-    )
-    for block in range(decoder_depth):
-        state.update(official_block(f"decoder.{block}.", decoder_width, rand))
-    return state
-
-
-def save_official(path: Path, state_dict: dict, **extra) -> Path:
-    torch.save({"model": state_dict, **extra}, path)
-    return path
 
 
 def timm_from_dense(state_dict: dict, shapes, num_classes: int) -> torch.nn.Module:
@@ -178,13 +99,6 @@ def printed_differences(lines: list[str]) -> list[float]:
     values = [float(value) for line in lines for value in DIFF.findall(line)]
     assert values, f"no max abs diff printed in {lines}"
     return values
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "conversion_scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -429,72 +343,23 @@ def test_a_wrong_kernel_remapping_fails_verification_and_the_cli_writes_nothing(
 # ----------------------------------------------------------------------------------------------------------
 
 
-class CodeRunningPickle:
-    """Unpickling this would create ``path`` (stands for any code a malicious checkpoint runs)."""
-
-    def __init__(self, path: Path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def _write_bad_input(kind: str, path: Path) -> Path:
-    if kind == "code-running pickle":
-        torch.save(
-            {"model": official_dense(CUSTOM, num_classes=10), "x": CodeRunningPickle(path.with_suffix(".ran"))}, path
-        )
-    elif kind == "not a checkpoint":
-        path.write_text("just some text\n")
-    elif kind == "truncated file":
-        save_official(path, official_dense(CUSTOM, num_classes=10))
-        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    elif kind == "ConvNeXt V1":
-        state = {k: v for k, v in official_dense(CUSTOM, num_classes=10).items() if ".grn." not in k}
-        state.update({f"stages.{s}.0.gamma": torch.ones(w) for s, w in enumerate(CUSTOM[1])})
-        save_official(path, state)
-    elif kind == "ViT":
-        save_official(
-            path,
-            {
-                "cls_token": torch.zeros(1, 1, 8),
-                "pos_embed": torch.zeros(1, 5, 8),
-                "blocks.0.attn.qkv.weight": torch.zeros(24, 8),
-            },
-        )
-    elif kind == "missing tensor":
-        state = official_dense(CUSTOM, num_classes=10)
-        del state["stages.1.0.pwconv2.weight"]
-        save_official(path, state)
-    elif kind == "extra tensor":
-        save_official(path, {**official_dense(CUSTOM, num_classes=10), "stages.1.0.extra.weight": torch.zeros(3)})
-    elif kind == "wrong shape":
-        save_official(path, {**official_dense(CUSTOM, num_classes=10), "head.bias": torch.zeros(11)})
-    elif kind == "no state dict":
-        torch.save({"epoch": 3}, path)
-    elif kind == "other size than named":
-        save_official(path, official_dense(CUSTOM, num_classes=10))
-        path = path.rename(path.with_name("convnextv2_atto_1k_224_ema.pt"))
-    return path
-
-
 BAD_INPUTS = {
-    "code-running pickle": "refused to load .*would import or call 'io.open'",
-    "not a checkpoint": "not a readable PyTorch checkpoint",
-    "truncated file": "not a readable PyTorch checkpoint",
+    "code-running pickle": CODE_RUNNING_PICKLE_REFUSED,
+    "not a checkpoint": NOT_A_PYTORCH_CHECKPOINT,
+    "truncated file": NOT_A_PYTORCH_CHECKPOINT,
     "ConvNeXt V1": "ConvNeXt V1 checkpoint",
     "ViT": "Vision Transformer",
-    "missing tensor": "missing 1 tensor.*stages.1.layers.0.pwconv2.weight",
-    "extra tensor": "unexpected tensors .*stages.1.0.extra.weight",
+    "missing tensor": MISSING_TENSOR,
+    "extra tensor": UNEXPECTED_TENSOR,
     "wrong shape": "wrong shape: classifier.bias .*'head.bias'.*\\(11,\\), expected \\(10,\\)",
     "no state dict": "no state dict",
-    "other size than named": "are those of 'custom', not of the expected model 'atto'",
+    "other size than named": SHAPES_OF_ANOTHER_SIZE_THAN_NAMED,
 }
 
 
 @pytest.mark.parametrize("kind", BAD_INPUTS)
 def test_bad_input_exits_2_with_a_message_and_writes_nothing(kind, tmp_path, capsys):
-    source = _write_bad_input(kind, tmp_path / "checkpoint.pt")
+    source = write_bad_input(kind, tmp_path / "checkpoint.pt")
     cli = load_script("convert_convnextv2_to_hf")
     code = cli.main(["--checkpoint", str(source), "--output-dir", str(tmp_path / "out"), "--verify-image-size", "64"])
     error = capsys.readouterr().err
@@ -507,7 +372,7 @@ def test_bad_input_exits_2_with_a_message_and_writes_nothing(kind, tmp_path, cap
 def test_an_existing_output_folder_is_not_overwritten_unless_asked(tmp_path):
     source = save_official(tmp_path / "custom.pt", official_dense(CUSTOM, num_classes=10))
     (tmp_path / "out").mkdir()
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(ValueError, match=OUTPUT_FOLDER_EXISTS):
         convert_checkpoint(source, tmp_path / "out", verify=False, log=lambda line: None)
     convert_checkpoint(source, tmp_path / "out", verify=False, overwrite=True, log=lambda line: None)
     assert (tmp_path / "out" / "model.safetensors").is_file()
@@ -515,12 +380,8 @@ def test_an_existing_output_folder_is_not_overwritten_unless_asked(tmp_path):
 
 def test_a_failure_while_writing_leaves_no_folder(tmp_path, monkeypatch):
     source = save_official(tmp_path / "custom.pt", official_dense(CUSTOM, num_classes=10))
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("the card renderer broke")  # stands for any failure inside the staging folder
-
-    monkeypatch.setattr(ModelCard, "save", broken)
-    with pytest.raises(RuntimeError, match="renderer broke"):
+    monkeypatch.setattr(ModelCard, "save", broken_card_save)  # stands for any failure inside the staging folder
+    with pytest.raises(RuntimeError, match=INJECTED_CARD_FAILURE_MATCH):
         convert_checkpoint(source, tmp_path / "out", verify=False, log=lambda line: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.pt"]
 

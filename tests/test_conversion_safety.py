@@ -3,30 +3,51 @@ folder: ``--overwrite`` limits, the ``.partial`` staging folder under signals, h
 provenance (SHA-256), awkward output paths (symlink, file, read-only, full disk), convert-all going on past
 failures, and CLI exit codes.
 
-Checkpoints are the synthetic official files of ``test_conversion``. Real disks where possible: the full-disk and
+Checkpoints are the synthetic official files of ``helpers``. Real disks where possible: the full-disk and
 read-only cases mount a small tmpfs when the tests run as root (they are skipped otherwise, and a narrow simulated
 ENOSPC covers the full-disk message everywhere).
 """
 
-import collections
 import errno
 import hashlib
-import io
 import json
 import os
-import pickle
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from test_conversion import CUSTOM, REPO, load_script, official_dense, save_official
+from expected_errors import (
+    CHECKPOINT_MODEL_TOO_LARGE,
+    COMPLEX_TENSOR,
+    DISK_FULL_WHILE_WRITING,
+    INJECTED_CARD_FAILURE_MATCH,
+    INTEGER_KEY,
+    INTEGER_TENSOR,
+    LIST_NOT_A_TENSOR,
+    NOT_A_PYTORCH_CHECKPOINT,
+    OUTPUT_FOLDER_EXISTS,
+    OUTPUT_IS_A_FILE,
+    OUTPUT_IS_A_SYMLINK,
+    ZERO_D_TENSOR,
+)
+from helpers import (
+    CUSTOM,
+    REPO,
+    broken_card_save,
+    load_script,
+    malformed_state,
+    official_dense,
+    save_official,
+    write_expanded,
+    write_huge_widths,
+    write_lying_header,
+)
 
 from convnextv2_hf import __version__
 from convnextv2_hf import conversion as conversion_module
@@ -139,12 +160,9 @@ def test_overwrite_replaces_a_converted_folder_and_keeps_foreign_files_safe(tmp_
 
     before = snapshot(out)
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("the card renderer broke")  # any failure while the replacement is being written
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(conversion_module.output.ModelCard, "save", broken)
-        with pytest.raises(RuntimeError, match="renderer broke"):
+    with pytest.MonkeyPatch.context() as patch:  # any failure while the replacement is being written
+        patch.setattr(conversion_module.output.ModelCard, "save", broken_card_save)
+        with pytest.raises(RuntimeError, match=INJECTED_CARD_FAILURE_MATCH):
             convert(source, out, overwrite=True)
     assert snapshot(out) == before and partials(tmp_path) == []  # the previous output is untouched
 
@@ -156,7 +174,7 @@ def test_overwrite_replaces_a_converted_folder_and_keeps_foreign_files_safe(tmp_
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(ValueError, match=OUTPUT_FOLDER_EXISTS):
         convert(source, empty)
     convert(source, empty, overwrite=True)  # an empty folder holds nothing to lose
     assert is_converted_folder(empty)
@@ -241,63 +259,7 @@ def test_a_later_run_removes_the_partial_folder_of_a_killed_run_and_nothing_else
 # Hostile files: shapes are checked before memory is allocated
 # ----------------------------------------------------------------------------------------------------------
 
-
-class _DeclaredStorage:
-    """Pickled as a storage record whose declared element count is ``numel``, whatever the file stores."""
-
-    def __init__(self, numel: int):
-        self.numel = numel
-
-
-class _DeclaredTensor:
-    def __init__(self, storage: _DeclaredStorage, shape: tuple[int, ...]):
-        self.storage, self.shape = storage, shape
-
-    def __reduce__(self):
-        stride = tuple(int(torch.tensor(self.shape[i + 1 :], dtype=torch.int64).prod()) for i in range(len(self.shape)))
-        return (
-            torch._utils._rebuild_tensor_v2,
-            (self.storage, 0, self.shape, stride, False, collections.OrderedDict()),
-        )
-
-
-class _HeaderPickler(pickle.Pickler):
-    def persistent_id(self, obj):
-        if isinstance(obj, _DeclaredStorage):
-            return ("storage", torch.FloatStorage, "0", "cpu", obj.numel)
-        return None
-
-
-def write_lying_header(path: Path, name: str, shape: tuple[int, ...]) -> Path:
-    """A torch.save zip whose pickle declares ``name`` as a ``shape`` float tensor while storing 16 bytes."""
-    numel = int(torch.tensor(shape, dtype=torch.int64).prod())
-    header = io.BytesIO()
-    _HeaderPickler(header, protocol=2).dump({"model": {name: _DeclaredTensor(_DeclaredStorage(numel), shape)}})
-    template = path.with_suffix(".template")
-    torch.save({"model": {name: torch.zeros(4)}}, template)
-    with zipfile.ZipFile(template) as original, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as lying:
-        for record in original.infolist():
-            content = header.getvalue() if record.filename.endswith("/data.pkl") else original.read(record)
-            lying.writestr(record.filename.replace(template.stem + "/", path.stem + "/"), content)
-    template.unlink()
-    return path
-
-
-def write_expanded(path: Path) -> Path:
-    """A valid-looking checkpoint whose pwconv1 is a stride-0 view: 4 bytes stored, 100000 x 100000 declared."""
-    state = official_dense(CUSTOM, num_classes=10)
-    state["stages.0.0.pwconv1.weight"] = torch.zeros(1).expand(100_000, 100_000)
-    return save_official(path, state)
-
-
-def write_huge_widths(path: Path, width: int = 16384) -> Path:
-    """Real tensors (16 MB) that consistently declare stages 16384 wide, with the rest missing: a model built
-    from these widths would need about 34 GB."""
-    state = {"downsample_layers.0.0.weight": torch.zeros(width, 3, 4, 4), "stages.0.0.grn.gamma": torch.zeros(1, 4)}
-    for stage in range(4):
-        state[f"stages.{stage}.0.dwconv.weight"] = torch.zeros(width, 1, 7, 7)
-    return save_official(path, state)
-
+# the files: helpers.write_lying_header, write_expanded and write_huge_widths
 
 MEMORY_PROBE = """
 import json, resource, sys
@@ -335,10 +297,10 @@ def test_small_hostile_files_get_a_clear_error_without_allocating_gigabytes(tmp_
         "huge widths": write_huge_widths(tmp_path / "widths.pt"),
     }
     expected = {
-        "lying header": "not a readable PyTorch checkpoint",
+        "lying header": NOT_A_PYTORCH_CHECKPOINT,
         "stride-0 view": "tensor 'stages.0.0.pwconv1.weight' declares shape \\(100000, 100000\\)",
         # widths whose model would exceed the size bound: refused with the estimate before anything is allocated
-        "huge widths": "builds a ConvNextV2\\w+ of [\\d,]+ parameters .* beyond the bounds of",
+        "huge widths": CHECKPOINT_MODEL_TOO_LARGE,
     }
     assert max(path.stat().st_size for path in files.values()) < 20 << 20
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -369,43 +331,23 @@ def test_a_gap_in_the_block_numbering_is_an_error_not_a_deep_model():
 # Malformed tensors: a ValueError naming the key
 # ----------------------------------------------------------------------------------------------------------
 
-
-def _malformed(kind: str) -> dict:
-    state = official_dense(CUSTOM, num_classes=10)
-    if kind == "0-d tensor":
-        state["head.bias"] = torch.tensor(0.5)
-    elif kind == "integer key":
-        state[7] = torch.zeros(3)
-    elif kind == "tuple key":
-        state[("stages", 0)] = torch.zeros(3)
-    elif kind == "complex tensor":
-        state["head.weight"] = state["head.weight"].to(torch.complex64)
-    elif kind == "NaN":
-        state["stages.1.1.pwconv1.weight"][3, 2] = float("nan")
-    elif kind == "infinity":
-        state["stages.2.0.grn.beta"][..., 0] = float("-inf")
-    elif kind == "integer tensor":
-        state["head.bias"] = torch.arange(10)
-    elif kind == "not a tensor":
-        state["stages.0.0.norm.weight"] = [1.0] * 16
-    return state
-
+# the state dicts: helpers.malformed_state
 
 MALFORMED = {
-    "0-d tensor": "tensor 'head.bias' is 0-d",
-    "integer key": "key 7 is a int, not a tensor name",
+    "0-d tensor": ZERO_D_TENSOR,
+    "integer key": INTEGER_KEY,
     "tuple key": "key \\('stages', 0\\) is a tuple",
-    "complex tensor": "tensor 'head.weight' has dtype torch.complex64",
+    "complex tensor": COMPLEX_TENSOR,
     "NaN": "tensor 'stages.1.1.pwconv1.weight' holds 1 NaN and 0 infinite",
     "infinity": "tensor 'stages.2.0.grn.beta' holds 0 NaN and 1 infinite",
-    "integer tensor": "tensor 'head.bias' has dtype torch.int64",
-    "not a tensor": "'stages.0.0.norm.weight' is a list, not a tensor",
+    "integer tensor": INTEGER_TENSOR,
+    "not a tensor": LIST_NOT_A_TENSOR,
 }
 
 
 @pytest.mark.parametrize("kind", MALFORMED)
 def test_malformed_tensors_exit_2_naming_the_key(kind, tmp_path, capsys):
-    source = save_official(tmp_path / "bad.pt", _malformed(kind))
+    source = save_official(tmp_path / "bad.pt", malformed_state(kind))
     cli = load_script("convert_convnextv2_to_hf")
     code = cli.main(["--checkpoint", str(source), "--output-dir", str(tmp_path / "out"), "--no-verify"])
     error = capsys.readouterr().err
@@ -414,7 +356,7 @@ def test_malformed_tensors_exit_2_naming_the_key(kind, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
     if kind != "not a tensor":  # a direct caller of the engine gets the same check
         with pytest.raises(ValueError, match=MALFORMED[kind]):
-            convert_state_dict(OriginalCheckpoint(_malformed(kind)))
+            convert_state_dict(OriginalCheckpoint(malformed_state(kind)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -459,9 +401,9 @@ def test_symlinks_files_and_paths_through_files_are_clear_errors(tmp_path, sourc
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     (tmp_path / "file.txt").write_text("text")
     cases = {
-        "link": "is a symbolic link",
-        "dangling": "is a symbolic link",
-        "file.txt": "is an existing file, not a folder",
+        "link": OUTPUT_IS_A_SYMLINK,
+        "dangling": OUTPUT_IS_A_SYMLINK,
+        "file.txt": OUTPUT_IS_A_FILE,
         "file.txt/sub": "cannot create the output folder .*file.txt/sub: .*file.txt is a file, not a folder",
     }
     before = snapshot(tmp_path)
@@ -527,7 +469,7 @@ def test_enospc_from_the_weights_writer_is_a_clear_error(tmp_path, source, monke
         raise safetensors.SafetensorError(message)  # the very text a full tmpfs gives
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
-    with pytest.raises(ValueError, match="could not write the output folder .*out: no space left on the disk"):
+    with pytest.raises(ValueError, match=DISK_FULL_WHILE_WRITING):
         convert(source, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["custom.pt"]
 
@@ -593,4 +535,4 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys):
     assert capsys.readouterr().err == "error: no official checkpoint matches --filter ['no-such-model']\n"
     (tmp_path / "root.txt").write_text("")
     assert convert_all.main(["--output-root", str(tmp_path / "root.txt"), "--filter", "atto"]) == 2
-    assert "is an existing file, not a folder" in capsys.readouterr().err
+    assert OUTPUT_IS_A_FILE in capsys.readouterr().err

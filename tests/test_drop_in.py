@@ -4,7 +4,8 @@ selection (a bool or a list of indices), input dtypes. Outputs compared with the
 import pytest
 import torch
 import transformers
-from conftest import randomize_, tiny_config
+from expected_errors import LABELS_OUT_OF_RANGE, PIXELS_OF_INTEGER_DTYPE, SOFT_LABELS_SHAPE
+from helpers import builtin_config, randomize_, tiny_config
 from transformers.models import convnextv2 as builtin
 
 from convnextv2_hf import ConvNextV2Backbone, ConvNextV2ForImageClassification, ConvNextV2Model
@@ -16,13 +17,6 @@ PAIRS = {
     "classifier": (ConvNextV2ForImageClassification, builtin.ConvNextV2ForImageClassification),
     "backbone": (ConvNextV2Backbone, builtin.ConvNextV2Backbone),
 }
-
-
-def builtin_config(config) -> transformers.ConvNextV2Config:
-    fields = {k: v for k, v in config.to_dict().items() if k in builtin.ConvNextV2Config.__dataclass_fields__}
-    for key in ("_out_features", "_out_indices", "out_features", "out_indices", "stage_names"):
-        fields.pop(key, None)
-    return builtin.ConvNextV2Config(**fields, out_features=config.out_features)
 
 
 def pair(kind: str, **overrides):
@@ -116,20 +110,20 @@ def test_floating_inputs_of_another_dtype_are_cast_and_integers_are_refused():
         assert got.dtype == torch.float32 and (got - expected).abs().max().item() <= 1e-6
         half_model = pair("classifier")[0].to(torch.bfloat16)
         assert half_model(pixels).logits.dtype == torch.bfloat16  # no "Input type and bias type" error
-    with pytest.raises(ValueError, match="floating-point tensor, got dtype torch.uint8"):
+    with pytest.raises(ValueError, match=PIXELS_OF_INTEGER_DTYPE):
         ours(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize(
     ("labels", "message"),
     [
-        (torch.tensor([0, 7]), r"must lie in \[0, 4\]"),
-        (torch.tensor([0, -3]), r"must lie in \[0, 4\]"),
+        (torch.tensor([0, 7]), LABELS_OUT_OF_RANGE),
+        (torch.tensor([0, -3]), LABELS_OUT_OF_RANGE),
         (torch.tensor([0, 1, 2]), r"must have shape \(2,\)"),
         (torch.tensor([True, False]), "must be an integer tensor"),
         (torch.full((2, 5), 0.2).index_fill(1, torch.tensor([0]), -0.2), "non-negative"),
         (torch.full((2, 5), 0.3), "sum to 1"),
-        (torch.full((2, 4), 0.25), "soft labels must have the logits' shape"),
+        (torch.full((2, 4), 0.25), SOFT_LABELS_SHAPE),
         (torch.full((2, 5), float("nan")), "finite"),
     ],
     ids=["too-large", "negative", "wrong-shape", "bool", "negative-soft", "rows-not-one", "soft-shape", "nan"],

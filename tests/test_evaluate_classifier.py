@@ -6,7 +6,8 @@ from pathlib import Path
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_config
+from expected_errors import IMAGES_NOT_IN_CLASS_FOLDERS
+from helpers import tiny_config
 
 from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ImageProcessor
 
@@ -93,7 +94,7 @@ def test_images_without_class_folders_get_a_clear_message(always_b, tmp_path):
     flat.mkdir()
     for i in range(3):
         PIL.Image.new("RGB", (64, 64)).save(flat / f"{i}.png")
-    with pytest.raises(ValueError, match=r"the images of .*flat' are not in class sub-folders"):
+    with pytest.raises(ValueError, match=IMAGES_NOT_IN_CLASS_FOLDERS):
         evaluate(always_b, "--data_dir", str(flat))
     split_without_classes = tmp_path / "splits"
     for split in ("train", "validation"):

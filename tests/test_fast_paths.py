@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from helpers import randomize_, tiny_config
 from transformers.models import convnextv2 as builtin
 
 from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ForMaskedImageModeling
@@ -39,6 +39,7 @@ def count_calls(monkeypatch):
 
     wrap("grn_into_linear")
     wrap("square_sum_norm")
+    wrap("downsample_as_matmul")
     wrap("GeluGrnLinear.apply", fast.GeluGrnLinear, "apply")
     wrap("SparseDepthwiseConv.apply", fast.SparseDepthwiseConv, "apply")
     wrap("differentiable_backward")
@@ -61,16 +62,19 @@ EVIDENCE = {
     "square_sum_norm": "square_sum_norm",
     "fused_gelu_grn_linear": "GeluGrnLinear.apply",
     "sparse_depthwise_conv": "SparseDepthwiseConv.apply",
+    "sparse_downsample_matmul": "downsample_as_matmul",
 }
+FCMAE_ONLY = {"sparse_depthwise_conv", "sparse_downsample_matmul"}  # paths of the sparse FCMAE encoder
 
 
 @pytest.mark.parametrize("name", FAST_PATH_NAMES)
 def test_each_fast_path_alone_gives_the_reference_outputs_and_gradients(name, device, count_calls):
     # classifier (inference: fold, in-place GELU, norm; training: fused function, norm) and the sparse FCMAE
-    # (training: sparse depthwise conv), each with only `name` switched on, against fast_paths=False
+    # (training: sparse depthwise conv; training and inference: the downsampling matmul), each with only `name`
+    # switched on, against fast_paths=False
     torch.manual_seed(0)
     reference_config, fast_config = tiny_config(fast_paths=False), tiny_config(fast_paths=[name])
-    model_class = ConvNextV2ForMaskedImageModeling if name == "sparse_depthwise_conv" else None
+    model_class = ConvNextV2ForMaskedImageModeling if name in FCMAE_ONLY else None
     if model_class is None:
         reference = randomize_(ConvNextV2ForImageClassification(reference_config)).to(device)
         model = ConvNextV2ForImageClassification(fast_config).to(device)
@@ -110,8 +114,8 @@ def test_fast_paths_false_runs_none_and_true_runs_the_device_defaults(device, co
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64, device=device))
     ran = {name for name, evidence in EVIDENCE.items() if count_calls.get(evidence)}
-    training_only = {"fused_gelu_grn_linear", "sparse_depthwise_conv"}
-    expected = set(fast.DEVICE_DEFAULTS.get((device.type, torch.float32), frozenset())) - training_only
+    not_in_classifier_inference = {"fused_gelu_grn_linear"} | FCMAE_ONLY
+    expected = set(fast.DEVICE_DEFAULTS.get((device.type, torch.float32), frozenset())) - not_in_classifier_inference
     assert ran == expected
 
 

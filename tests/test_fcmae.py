@@ -7,14 +7,20 @@ that check the fast paths run twice: with `fast_paths=True` (the device's defaul
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from expected_errors import (
+    MASK_AND_NOISE_BOTH_GIVEN,
+    MASK_REMOVES_EVERY_PATCH,
+    NOISE_NOT_FINITE,
+    NOISE_SHAPE,
+    WRONG_NUMBER_OF_CHANNELS,
+)
+from helpers import WITH_FAST_PATHS, close, max_diff, randomize_, relative_error, tiny_config
 
 from convnextv2_hf import (
     ConvNextV2ForImageClassification,
     ConvNextV2ForMaskedImageModeling,
     ConvNextV2Model,
 )
-from convnextv2_hf.configuration_convnextv2 import FAST_PATH_NAMES
 from convnextv2_hf.modeling_convnextv2 import ConvNextV2GRN, draw_mask
 
 PATH_TOLERANCE = 1e-5
@@ -26,25 +32,6 @@ def fcmae_pair(seed: int = 0, device: torch.device | str = "cpu", **overrides):
     dense = ConvNextV2ForMaskedImageModeling(tiny_config(fcmae_impl="dense", **overrides))
     dense.load_state_dict(sparse.state_dict(), strict=True)
     return sparse.to(device), dense.to(device)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """||got - expected|| / ||expected|| (L2 over the whole tensor, in fp32)."""
-    expected = expected.float()
-    return ((got.float() - expected).norm() / expected.norm().clamp_min(1e-12)).item()
-
-
-def close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
-    """``got`` within ``tolerance`` of ``expected``, relative to the larger of 1 and ``expected``'s largest value."""
-    return max_diff(got, expected) <= tolerance * max(1.0, expected.abs().max().item())
-
-
-# the device's defaults (True) and every fast path by name: on CUDA the defaults run none of them (DEVICE_DEFAULTS)
-WITH_FAST_PATHS = pytest.mark.parametrize("fast_paths", [True, list(FAST_PATH_NAMES)], ids=["defaults", "all"])
 
 
 def test_output_shapes_and_exact_keep_count_per_sample():
@@ -281,7 +268,7 @@ def test_encoder_checkpoint_loads_into_fcmae_with_a_new_decoder(tmp_path):
         ),
         (
             lambda m: m(torch.randn(2, 3, 64, 64), noise=torch.rand(2, 9)),
-            r"noise must have shape \(batch, patches\) = \(2, 4\)",
+            NOISE_SHAPE,
         ),
         (
             lambda m: m(torch.randn(2, 3, 64, 64), bool_masked_pos=torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])),
@@ -294,14 +281,14 @@ def test_encoder_checkpoint_loads_into_fcmae_with_a_new_decoder(tmp_path):
         ),
         (
             lambda m: m(torch.randn(1, 3, 64, 64), bool_masked_pos=torch.ones(1, 4, dtype=torch.bool)),
-            "removes every patch of a sample",
+            MASK_REMOVES_EVERY_PATCH,
         ),
         (lambda m: m(torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)), "must be a floating-point tensor"),
-        (lambda m: m(torch.randn(2, 1, 64, 64)), "has 1 channels but the model expects num_channels=3"),
+        (lambda m: m(torch.randn(2, 1, 64, 64)), WRONG_NUMBER_OF_CHANNELS),
         (lambda m: m(torch.randn(2, 3, 32, 32)), r"mask_ratio=0.6 keeps no patch of the 1"),
         (
             lambda m: m(torch.randn(2, 3, 64, 64), noise=torch.tensor([[0.1, float("nan"), 0.3, 0.2], [0.1] * 4])),
-            r"noise holds 1 NaN or infinite values of 8",
+            NOISE_NOT_FINITE,
         ),
         (
             lambda m: m(torch.randn(1, 3, 64, 64), noise=torch.tensor([[float("inf"), 0.5, -float("inf"), 0.2]])),
@@ -312,7 +299,7 @@ def test_encoder_checkpoint_loads_into_fcmae_with_a_new_decoder(tmp_path):
             lambda m: m(
                 torch.randn(2, 3, 64, 64), bool_masked_pos=torch.zeros(2, 4, dtype=torch.bool), noise=torch.rand(2, 4)
             ),
-            r"pass bool_masked_pos or noise, not both",
+            MASK_AND_NOISE_BOTH_GIVEN,
         ),
     ],
 )

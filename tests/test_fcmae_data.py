@@ -11,17 +11,16 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import free_port, tiny_config
+from expected_errors import SKIPPING_UNREADABLE_IMAGE, STREAMING_NEEDS_MAX_STEPS
+from helpers import REPO, StopAtStep, free_port, tiny_config, truncate
 from safetensors.torch import load_file
-from test_training import StopAtStep  # interrupts a run right after a checkpoint
 from transformers import Trainer, TrainingArguments
 
 from convnextv2_hf import ConvNextV2ForMaskedImageModeling
 from convnextv2_hf.training import FCMAECollator, FCMAEMaskEpochCallback, fcmae_loss, mask_noise
 from convnextv2_hf.transforms import with_example_index
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(REPO / "examples"))
 
 import pretrain_fcmae  # noqa: E402
 
@@ -239,7 +238,7 @@ def test_validation_dir_and_the_full_script_write_eval_metrics_and_a_card(tmp_pa
     [
         (["--validation_split_fraction", "1.5"], r"validation_split_fraction must be in \(0, 1\), got 1.5"),
         (["--validation_split_fraction", "0.2", "--validation_dir", "x"], "one of --validation_dir and"),
-        (["--streaming"], "--streaming needs --max_steps"),
+        (["--streaming"], STREAMING_NEEDS_MAX_STEPS),
         (["--streaming", "--max_steps", "2", "--validation_split_fraction", "0.2"], "needs the dataset's length"),
     ],
 )
@@ -275,7 +274,7 @@ def test_streaming_pretraining_under_torchrun_with_two_processes(tmp_path):
     data = photo_folder(tmp_path / "images", count=6)
     output = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-               str(ROOT / "examples" / "pretrain_fcmae.py"), *pretrain_argv(tmp_path, "--train_dir", str(data)),
+               str(REPO / "examples" / "pretrain_fcmae.py"), *pretrain_argv(tmp_path, "--train_dir", str(data)),
                "--streaming", "--max_steps", "3", "--ddp_find_unused_parameters", "false",
                "--logging_steps", "1"]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -293,11 +292,6 @@ def test_streaming_pretraining_under_torchrun_with_two_processes(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def truncate(path: Path, keep: float = 0.5) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
-
-
 def test_a_truncated_image_stops_pretraining_with_its_name_or_is_skipped_with_a_warning(tmp_path, caplog):
     data = photo_folder(tmp_path / "images", count=6)
     PIL.Image.open(data / "03.png").convert("RGB").save(data / "03.jpg", quality=90)
@@ -313,7 +307,10 @@ def test_a_truncated_image_stops_pretraining_with_its_name_or_is_skipped_with_a_
     skipped = {
         record.getMessage().split(":")[0] for record in caplog.records if "skipping unreadable" in record.getMessage()
     }
-    assert skipped == {f"skipping unreadable image {data / '03.jpg'}", f"skipping unreadable image {data / '05.png'}"}
+    assert skipped == {
+        f"{SKIPPING_UNREADABLE_IMAGE} {data / '03.jpg'}",
+        f"{SKIPPING_UNREADABLE_IMAGE} {data / '05.png'}",
+    }
 
 
 @pytest.mark.slow

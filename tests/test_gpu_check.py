@@ -7,21 +7,20 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
 
 PHASES = ["tests", "benchmark eager", "benchmark compiled"]
 
 
 def run_check(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -33,7 +32,7 @@ def test_make_gpu_check_cpu_smoke_writes_every_section_and_prints_the_tables(tmp
     else:  # what the target runs
         command = [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--smoke", "--python", sys.executable]
         command += ["--output", str(output)]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(output.read_text())
 
@@ -193,6 +192,7 @@ def test_the_ablation_switches_a_path_on_where_it_helps_and_hurts_nowhere():
         "square_sum_norm": "mixed: decide by hand",
         "fused_gelu_grn_linear": "on: less memory at the same speed",
         "sparse_depthwise_conv": "not measured",
+        "sparse_downsample_matmul": "not measured",
     }
     assert ablation["suggested_defaults"] == ["grn_fold", "fused_gelu_grn_linear"]
     assert ablation["paths"]["fused_gelu_grn_linear"]["effects"]["train memory"] == pytest.approx(1 / 1.5)

@@ -10,7 +10,16 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from expected_errors import (
+    CROP_PCT_OUT_OF_RANGE,
+    EMPTY_BATCH_OF_IMAGES,
+    IMAGE_MEAN_WRONG_LENGTH,
+    IMAGE_STD_NOT_POSITIVE,
+    RESCALE_FACTOR_NOT_POSITIVE,
+    SHORTEST_EDGE_NOT_POSITIVE,
+    SIZE_NOT_SHORTEST_EDGE,
+)
+from helpers import randomize_, tiny_config
 from huggingface_hub.errors import StrictDataclassError
 from skimage import data as skimage_data
 from torchvision import transforms as T
@@ -202,23 +211,23 @@ def test_pil_backend_reads_float_arrays_in_0_255_as_8_bit():
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("crop_pct", 0, r"crop_pct must be a number in \(0, 1\].*got 0"),
+        ("crop_pct", 0, CROP_PCT_OUT_OF_RANGE),
         ("crop_pct", 1.2, "crop_pct must be a number in .*got 1.2"),
         ("crop_pct", -0.5, "crop_pct must be .*got -0.5"),
         ("crop_pct", "0.9", "crop_pct must be .*got '0.9'"),
-        ("size", {"shortest_edge": 0}, r"size\['shortest_edge'\] must be a positive integer, got 0"),
+        ("size", {"shortest_edge": 0}, SHORTEST_EDGE_NOT_POSITIVE),
         ("size", -224, r"size\['shortest_edge'\] must be a positive integer, got -224"),
         ("size", {"shortest_edge": 224.5}, r"size\['shortest_edge'\] must be a positive integer, got 224.5"),
         ("size", {"height": 0, "width": 224}, r"size\['height'\] must be a positive integer, got 0"),
         ("size", {"height": 224, "width": -1}, r"size\['width'\] must be a positive integer, got -1"),
-        ("size", {"height": 224, "width": 224}, r"size must be \{'shortest_edge': S\}"),
-        ("image_mean", [0.5, 0.5], "image_mean must have 3 values .*got 2"),
+        ("size", {"height": 224, "width": 224}, SIZE_NOT_SHORTEST_EDGE),
+        ("image_mean", [0.5, 0.5], IMAGE_MEAN_WRONG_LENGTH),
         ("image_mean", [0.5, 0.5, 0.5, 0.5], "image_mean must have 3 values .*got 4"),
         ("image_std", [0.2], "image_std must have 3 values .*got 1"),
-        ("image_std", [0.2, 0.0, 0.2], "image_std must be positive"),
-        ("image_std", 0.0, "image_std must be positive"),
+        ("image_std", [0.2, 0.0, 0.2], IMAGE_STD_NOT_POSITIVE),
+        ("image_std", 0.0, IMAGE_STD_NOT_POSITIVE),
         ("image_mean", [0.5, float("nan"), 0.5], "image_mean must hold finite numbers"),
-        ("rescale_factor", 0, "rescale_factor must be a positive number"),
+        ("rescale_factor", 0, RESCALE_FACTOR_NOT_POSITIVE),
     ],
 )
 @pytest.mark.parametrize("processor_class", BACKENDS)
@@ -307,7 +316,7 @@ def test_a_bad_image_in_a_batch_raises_value_error_naming_its_index(processor_cl
 
 @pytest.mark.parametrize("processor_class", BACKENDS)
 def test_empty_batch_raises_and_image_files_load_by_path(processor_class, tmp_path):
-    with pytest.raises(ValueError, match="the batch of images is empty"):
+    with pytest.raises(ValueError, match=EMPTY_BATCH_OF_IMAGES):
         processor_class()([], return_tensors="pt")
     photo = photos()["coffee"]
     photo.save(tmp_path / "coffee.png")

@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 import transformers
-from conftest import randomize_, tiny_config
+from expected_errors import MODEL_BEYOND_THE_BOUNDS
+from helpers import randomize_, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers.models import convnextv2 as builtin
@@ -379,7 +380,7 @@ def test_direct_construction_is_bounded_too_and_names_the_estimate():
         r"float32\) and 20,007 blocks, beyond the bounds of 10,000,000,000 parameters and 1,000 blocks",
     ):
         ConvNextV2ForMaskedImageModeling(config)
-    with pytest.raises(ValueError, match=r"beyond the bounds"):
+    with pytest.raises(ValueError, match=MODEL_BEYOND_THE_BOUNDS):
         transformers.AutoModelForImageClassification.from_config(config)
     assert time.perf_counter() - start < 5.0
 
@@ -400,7 +401,7 @@ def test_allow_large_model_opts_in_and_is_never_saved_or_read_from_a_file(tmp_pa
     allowed.save_pretrained(tmp_path)
     assert "allow_large_model" not in json.loads((tmp_path / "config.json").read_text())
     assert "allow_large_model" not in allowed.config.to_dict()
-    with pytest.raises(ValueError, match=r"beyond the bounds"):
+    with pytest.raises(ValueError, match=MODEL_BEYOND_THE_BOUNDS):
         ConvNextV2ForImageClassification.from_pretrained(tmp_path)
     loaded = ConvNextV2ForImageClassification.from_pretrained(tmp_path, allow_large_model=True)
     assert loaded.config.allow_large_model is True
@@ -410,7 +411,7 @@ def test_allow_large_model_opts_in_and_is_never_saved_or_read_from_a_file(tmp_pa
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "allow_large_model": True}))
     assert ConvNextV2Config.from_pretrained(tmp_path).allow_large_model is False
-    with pytest.raises(ValueError, match=r"beyond the bounds"):
+    with pytest.raises(ValueError, match=MODEL_BEYOND_THE_BOUNDS):
         ConvNextV2ForImageClassification.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"allow_large_model must be True or False"):
         tiny_config(allow_large_model="yes")

@@ -9,7 +9,7 @@ left is the error of the computation itself; tolerances are stated in units of t
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from helpers import randomize_, tiny_config
 
 from convnextv2_hf import ConvNextV2ForImageClassification, ConvNextV2ImageProcessor
 from convnextv2_hf import fast_paths_convnextv2 as fast
@@ -29,7 +29,8 @@ def trained_magnitude(shape, dtype, seed: int = 0) -> torch.Tensor:
     return values.to(dtype)
 
 
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+def max_relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest absolute error over ``expected``'s largest value, in fp64 (not helpers.relative_error, an L2)."""
     return ((got.double() - expected).abs().max() / expected.abs().max()).item()
 
 
@@ -46,12 +47,12 @@ def test_grn_statistics_accumulate_in_fp32(dtype, path):
     expected = torch.linalg.vector_norm(positions.double(), dim=1)
     assert norm.dtype == torch.float32
     assert torch.isfinite(norm).all()
-    assert relative_error(norm, expected) < 1e-5
+    assert max_relative_error(norm, expected) < 1e-5
     expected_mean = expected.mean(dim=-1)
     assert ((norm.mean(dim=-1).double() - expected_mean).abs() / expected_mean).max().item() < 1e-5
     # the half-precision sum this replaces is measurably wrong: overflow in fp16, ~1e-3 relative in bf16
     naive = positions.square().sum(dim=1).sqrt()
-    assert not torch.isfinite(naive).all() if dtype == torch.float16 else relative_error(naive, expected) > 1e-3
+    assert not torch.isfinite(naive).all() if dtype == torch.float16 else max_relative_error(naive, expected) > 1e-3
 
 
 def _block_in(dtype, fast_paths, dim: int = 4):
@@ -79,7 +80,7 @@ def test_gelu_grn_linear_in_half_precision_matches_fp64(dtype, fast_paths):
         if got is None:
             got = layer.pwconv2(layer.grn(layer.act(values)))
     assert got.dtype == dtype and torch.isfinite(got).all()
-    assert relative_error(got, expected) < tolerance, relative_error(got, expected)
+    assert max_relative_error(got, expected) < tolerance, max_relative_error(got, expected)
     # training: outputs and the gradients of the input and of GRN's and pwconv2's parameters
     features = values.clone().requires_grad_(True)
     fused = fast.gelu_grn_linear(layer, features, None)
@@ -95,12 +96,12 @@ def test_gelu_grn_linear_in_half_precision_matches_fp64(dtype, fast_paths):
     expected = reference.pwconv2(reference.grn(reference.act(reference_features)))
     reference_parameters = [reference.grn.weight, reference.grn.bias, reference.pwconv2.weight, reference.pwconv2.bias]
     expected_grads = torch.autograd.grad((expected * weights).sum(), [reference_features] + reference_parameters)
-    assert relative_error(got, expected) < tolerance
+    assert max_relative_error(got, expected) < tolerance
     names = ["input", "gamma", "beta", "weight", "bias"]
     for name, grad, expected_grad in zip(names, grads, expected_grads, strict=True):
         assert torch.isfinite(grad).all(), name
         # gradients sum over 6272 positions: a few more roundings than the outputs
-        assert relative_error(grad, expected_grad) < 4 * tolerance, (name, relative_error(grad, expected_grad))
+        assert max_relative_error(grad, expected_grad) < 4 * tolerance, (name, max_relative_error(grad, expected_grad))
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
@@ -120,10 +121,10 @@ def test_layernorm_in_half_precision_matches_fp64(dtype, data_format):
     got = norm(values)
     expected = reference(values.double())
     assert got.dtype == dtype
-    assert relative_error(got, expected) < 4 * ROUNDING[dtype], relative_error(got, expected)
+    assert max_relative_error(got, expected) < 4 * ROUNDING[dtype], max_relative_error(got, expected)
     with torch.autocast("cpu", dtype=dtype):  # fp32 weights and input under autocast: fp32 statistics too
         autocast = reference.float()(values.float())
-    assert relative_error(autocast, expected) < 4 * ROUNDING[dtype]
+    assert max_relative_error(autocast, expected) < 4 * ROUNDING[dtype]
 
 
 @pytest.fixture(scope="module")

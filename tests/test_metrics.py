@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import LabelledImages, tiny_config
 
 from convnextv2_hf.metrics import load_top_k_accuracy
 
@@ -34,22 +35,7 @@ def test_top_k_accuracy_reads_class_ids_as_exact_top_1_and_refuses_top_k_from_id
     assert metric.compute(predictions=np.eye(3), references=[0, 1, 1]) == {"accuracy": 2 / 3, "top5_accuracy": 1.0}
 
 
-class ToyImages(torch.utils.data.Dataset):
-    def __init__(self, count: int = 12, num_labels: int = 5):
-        generator = torch.Generator().manual_seed(0)
-        self.pixels = torch.randn(count, 3, 32, 32, generator=generator)
-        self.labels = torch.arange(count) % num_labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        return {"pixel_values": self.pixels[index], "labels": self.labels[index]}
-
-
 def _toy_classifier(num_labels: int = 5):
-    from conftest import tiny_config
-
     from convnextv2_hf import ConvNextV2ForImageClassification
 
     torch.manual_seed(0)
@@ -59,7 +45,7 @@ def _toy_classifier(num_labels: int = 5):
 def test_top_k_accuracy_in_a_trainer_compute_metrics(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    model, data = _toy_classifier(), ToyImages()
+    model, data = _toy_classifier(), LabelledImages(count=12, size=32, seed=0)
     metric = load_top_k_accuracy()
 
     def compute_metrics(prediction):

@@ -8,8 +8,8 @@ measured, see `DEVICE_DEFAULTS`) and with every path named, so the paths themsel
 import pytest
 import timm
 import torch
-import transformers
-from conftest import randomize_, tiny_config
+from expected_errors import SOFT_LABELS_SHAPE
+from helpers import WITH_FAST_PATHS, builtin_config, close, max_diff, randomize_, relative_error, tiny_config
 from transformers.models import convnextv2 as builtin
 
 from convnextv2_hf import (
@@ -19,7 +19,6 @@ from convnextv2_hf import (
     ConvNextV2ForImageClassification,
     ConvNextV2Model,
 )
-from convnextv2_hf.configuration_convnextv2 import FAST_PATH_NAMES
 from convnextv2_hf.modeling_convnextv2 import ConvNextV2GRN, ConvNextV2Layer
 
 BUILTIN_TOLERANCE = 1e-5
@@ -35,32 +34,6 @@ OFFICIAL_PARAMS = {
     "large": 198,
     "huge": 660,
 }
-
-
-def builtin_config(config: ConvNextV2Config) -> transformers.ConvNextV2Config:
-    fields = {k: v for k, v in config.to_dict().items() if k in builtin.ConvNextV2Config.__dataclass_fields__}
-    fields.pop("_out_features", None), fields.pop("_out_indices", None)
-    return builtin.ConvNextV2Config(**fields, out_features=config.out_features)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    """||got - expected|| / ||expected|| (L2 over the whole tensor, in fp32)."""
-    expected = expected.float()
-    return ((got.float() - expected).norm() / expected.norm().clamp_min(1e-12)).item()
-
-
-def close(got: torch.Tensor, expected: torch.Tensor, tolerance: float) -> bool:
-    """``got`` within ``tolerance`` of ``expected``, relative to the larger of 1 and ``expected``'s largest value (fp32
-    rounding grows with the values; stage-4 hidden states and gradients are not all below 1)."""
-    return max_diff(got, expected) <= tolerance * max(1.0, expected.abs().max().item())
-
-
-# the device's defaults (True) and every fast path by name: on CUDA the defaults run none of them (DEVICE_DEFAULTS)
-WITH_FAST_PATHS = pytest.mark.parametrize("fast_paths", [True, list(FAST_PATH_NAMES)], ids=["defaults", "all"])
 
 
 @pytest.mark.device
@@ -299,7 +272,7 @@ def test_soft_labels_use_soft_cross_entropy(config):
         logits, hard.flip(0)
     )
     assert abs(mixed_loss.item() - expected.item()) <= 1e-5
-    with pytest.raises(ValueError, match="soft labels must have the logits' shape"):
+    with pytest.raises(ValueError, match=SOFT_LABELS_SHAPE):
         model(pixels, labels=soft[:, :3])
 
 

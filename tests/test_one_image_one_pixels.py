@@ -26,7 +26,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 from transformers import ImageClassificationPipeline, pipeline
 
 from convnextv2_hf import (

@@ -30,11 +30,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from test_conversion import official_dense  # the official fine-tuned layout, random weights
+from helpers import REPO, official_dense  # official_dense: the official fine-tuned layout, random weights
 
 import convnextv2_hf
 
-REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "convnextv2_hf"
 # what setup.py reads to build: the copy keeps the shared source tree free of build/ and *.egg-info folders, and a
 # stale build/lib (files deleted from the source) can never leak into the tested wheel

@@ -9,6 +9,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from expected_errors import (
+    EMA_DECAY_ARGUMENT_OUT_OF_RANGE,
+    LABEL_SMOOTHING_OUT_OF_RANGE,
+    LAYER_DECAY_OUT_OF_RANGE,
+    LAYER_DECAY_TYPE_UNKNOWN,
+)
+from helpers import REPO
 from transformers import HfArgumentParser
 
 from convnextv2_hf.recipes import (
@@ -21,8 +28,7 @@ from convnextv2_hf.recipes import (
 from convnextv2_hf.training import EMACallback
 from convnextv2_hf.transforms import MixUpCutMixCollator
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(REPO / "examples"))
 
 import finetune_image_classification  # noqa: E402
 
@@ -95,11 +101,11 @@ def test_pretraining_recipe():
     ("argv", "message"),
     [
         (["--recipe", "small"], r"unknown recipe 'small'; recipes exist for \['atto', 'tiny', 'base'\]"),
-        (["--layer_decay", "0"], r"layer_decay must be in \(0, 1\], got 0"),
-        (["--layer_decay_type", "pairs"], "layer_decay_type must be 'single' or 'group'"),
+        (["--layer_decay", "0"], LAYER_DECAY_OUT_OF_RANGE),
+        (["--layer_decay_type", "pairs"], LAYER_DECAY_TYPE_UNKNOWN),
         (["--drop_path_rate", "1"], r"drop_path_rate must be in \[0, 1\)"),
-        (["--ema_decay", "1"], r"ema_decay must be 0 \(off\) or in \(0, 1\)"),
-        (["--label_smoothing", "-0.1"], r"label_smoothing must be in \[0, 1\)"),
+        (["--ema_decay", "1"], EMA_DECAY_ARGUMENT_OUT_OF_RANGE),
+        (["--label_smoothing", "-0.1"], LABEL_SMOOTHING_OUT_OF_RANGE),
         (["--recipe", "tiny", "--num_train_epochs", "30", "--warmup_epochs", "30"], "must be shorter than"),
         (["--recipe", "tiny", "--max_steps", "5", "--warmup_epochs", "1"], "needs an epoch-based run"),
         (["--recipe", "tiny", "--min_lr", "1", "--learning_rate", "0.1"], r"min_lr must be in \[0, learning_rate"),

@@ -11,6 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from expected_errors import UNKNOWN_MODEL_SIZE
 from skimage import data as skimage_data
 from skimage import draw
 
@@ -311,7 +312,7 @@ def test_batches_of_one_image_are_refused_or_avoided(tmp_path, caplog):
         (["--dataset_name", "x"], "give exactly one of --train_dir and --dataset_name"),
         (["--layer_decay", "1.5"], r"layer_decay must be in \(0, 1\], got 1.5"),
         (["--ignore_index", "2"], r"ignore_index 2 is a class id \(0..3\)"),
-        (["--model_size", "gigantic"], "unknown model size 'gigantic'"),
+        (["--model_size", "gigantic"], UNKNOWN_MODEL_SIZE),
     ],
 )
 def test_bad_arguments_are_refused_before_training(tmp_path, extra, message):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, tiny_config
+from expected_errors import EMA_DECAY_OUT_OF_RANGE, LAYER_DECAY_OUT_OF_RANGE_ANY_VALUE
+from helpers import LabelledImages, StopAtStep, free_port, tiny_config, truncate
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -125,7 +126,7 @@ def test_frozen_parameters_are_left_out_without_shifting_scales():
     ("kwargs", "message"),
     [
         ({"layer_decay": 0.0}, r"layer_decay must be in \(0, 1\]"),
-        ({"layer_decay": -0.5}, "layer_decay must be in"),
+        ({"layer_decay": -0.5}, LAYER_DECAY_OUT_OF_RANGE_ANY_VALUE),
         ({"layer_decay": 0.9, "layer_decay_type": "block"}, "layer_decay_type must be one of"),
         ({"layer_decay": 0.9, "weight_decay": -1.0}, "weight_decay must be >= 0"),
     ],
@@ -263,19 +264,6 @@ def test_layer_decay_without_an_encoder_or_with_two_raises_value_error():
 # --- the Trainer ------------------------------------------------------------------------------------------
 
 
-class LabelledImages(torch.utils.data.Dataset):
-    def __init__(self, count=16, num_labels=5, size=64):
-        generator = torch.Generator().manual_seed(1)
-        self.pixels = torch.randn(count, 3, size, size, generator=generator)
-        self.labels = torch.arange(count) % num_labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        return {"pixel_values": self.pixels[index], "labels": self.labels[index]}
-
-
 class RecordLearningRates(TrainerCallback):
     def __init__(self):
         self.per_step, self.logged = [], []
@@ -381,18 +369,6 @@ def test_collator_rejects_image_sizes_off_the_patch_grid():
         FCMAECollator(tiny_config(), image_size=(64, 80))
 
 
-class StopAtStep(TrainerCallback):
-    """Interrupts training after ``step`` (as a killed job would, right after a checkpoint)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
-
-
 def ema_run(output_dir, stop_at=None, resume=None, seed=0, announce=False, allow_fresh_start=False, **arg_overrides):
     """6 steps (checkpoints at 3 and 6); ``stop_at`` interrupts as a killed job would, right after a checkpoint.
     ``announce`` passes the folder through the documented hook ``ema.resume_from``."""
@@ -492,11 +468,6 @@ def test_resuming_without_ema_weights_is_refused_unless_a_fresh_start_is_allowed
     assert ema.ema.n_averaged.item() == 3
 
 
-def truncate(path: Path, keep: float = 0.5) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
-
-
 def test_a_truncated_ema_file_stops_the_resume_with_its_name(tmp_path):
     ema_run(tmp_path, stop_at=3)
     truncate(tmp_path / "checkpoint-3" / EMA_WEIGHTS_NAME)
@@ -576,5 +547,5 @@ def test_ema_weights_become_the_model_when_asked_for_the_final_save(tmp_path):
 
 
 def test_ema_decay_must_be_a_fraction():
-    with pytest.raises(ValueError, match=r"EMA decay must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=EMA_DECAY_OUT_OF_RANGE):
         EMACallback(decay=1.0)

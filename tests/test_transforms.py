@@ -5,7 +5,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_config
+from expected_errors import EVERY_IMAGE_OF_BATCH_SKIPPED, FOLDER_HOLDS_NO_IMAGES, SKIPPING_UNREADABLE_IMAGE
+from helpers import tiny_config
 from skimage import data as skimage_data
 
 from convnextv2_hf import ConvNextV2ForImageClassification
@@ -148,7 +149,7 @@ def test_with_image_transform_on_an_in_memory_dataset_and_bad_columns():
 def test_image_folder_without_images_is_a_value_error(tmp_path):
     (tmp_path / "train" / "cat").mkdir(parents=True)
     (tmp_path / "train" / "cat" / "notes.txt").write_text("no images here")
-    with pytest.raises(ValueError, match="holds no images"):
+    with pytest.raises(ValueError, match=FOLDER_HOLDS_NO_IMAGES):
         image_folder_dataset(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         image_folder_dataset(tmp_path / "missing")
@@ -204,7 +205,7 @@ def test_skip_corrupt_images_warns_and_the_collators_leave_them_out(tmp_path, ca
     train = image_folder_dataset(tmp_path, finetuning_transform(32), skip_corrupt_images=True)["train"]
     with caplog.at_level("WARNING"):
         examples = [train[i] for i in range(len(train))]
-    warned = [record.getMessage() for record in caplog.records if "skipping unreadable image" in record.getMessage()]
+    warned = [record.getMessage() for record in caplog.records if SKIPPING_UNREADABLE_IMAGE in record.getMessage()]
     assert len(warned) == 2 and str(bad_jpeg) in warned[0] and str(bad_png) in warned[1]
     assert [example["pixel_values"] is None for example in examples] == [False, True, False, False, False, True]
     batch = MixUpCutMixCollator(num_labels=2, mixup_alpha=0, cutmix_alpha=0)(examples)
@@ -213,7 +214,7 @@ def test_skip_corrupt_images_warns_and_the_collators_leave_them_out(tmp_path, ca
     assert fcmae([dict(e, pixel_values=torch.zeros(3, 64, 64)) for e in examples[:2]])["pixel_values"].shape[0] == 2
     assert fcmae([examples[1], examples[0] | {"pixel_values": torch.zeros(3, 64, 64)}])["noise"].shape == (1, 4)
     for collator in (MixUpCutMixCollator(num_labels=2), fcmae):
-        with pytest.raises(ValueError, match="every image of this batch of 2 was skipped as unreadable"):
+        with pytest.raises(ValueError, match=EVERY_IMAGE_OF_BATCH_SKIPPED):
             collator([examples[1], examples[5]])
 
 

@@ -62,9 +62,9 @@ from .output import (
 )
 
 # the package's export module shares the staging-folder signal handling and the disk-error message
-from .output import _describe_write_error as _describe_write_error
-from .output import _signals_deferred as _signals_deferred
-from .output import _signals_raise as _signals_raise
+from .output import describe_write_error as describe_write_error
+from .output import signals_deferred as signals_deferred
+from .output import signals_raise as signals_raise
 from .reading import (
     Architecture,
     OriginalCheckpoint,

@@ -48,7 +48,7 @@ class ConversionInterrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
+def signals_raise() -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise ``ConversionInterrupted`` as SIGINT raises ``KeyboardInterrupt``,
     so ``except``/``finally`` clean-up runs instead of the process dying mid-write. Handlers can only be set from
     the main thread; elsewhere the block runs with the process's own."""
@@ -69,7 +69,7 @@ def _signals_raise() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
+def signals_deferred() -> Iterator[None]:
     """Clean-up that a second Ctrl-C must not cut short: SIGINT, SIGTERM and SIGHUP wait until the block ends."""
     if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
         yield
@@ -199,7 +199,7 @@ def remove_stale_partials(output_dir: str | Path) -> list[Path]:
             pid = writer.get("pid")
             if not isinstance(pid, int) or pid <= 0 or _process_is_alive(pid):
                 continue
-        with _signals_deferred():
+        with signals_deferred():
             shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
@@ -223,7 +223,7 @@ def write_output_folder(
     provenance = dict(provenance or {})
     staging = aside = None
     try:
-        with _signals_raise():
+        with signals_raise():
             try:
                 remove_stale_partials(target)
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -250,7 +250,7 @@ def write_output_folder(
                 staging.rename(target)
                 staging = None
             except BaseException:
-                with _signals_deferred():
+                with signals_deferred():
                     if staging is not None:
                         shutil.rmtree(staging, ignore_errors=True)
                     if aside is not None and aside.exists() and not target.exists():
@@ -258,14 +258,14 @@ def write_output_folder(
                 raise
             finally:
                 if aside is not None:
-                    with _signals_deferred():
+                    with signals_deferred():
                         shutil.rmtree(aside, ignore_errors=True)
     except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
-        raise ValueError(_describe_write_error(error, target)) from None
+        raise ValueError(describe_write_error(error, target)) from None
     return target
 
 
-def _describe_write_error(error: OSError | SafetensorError, output_dir: Path) -> str:
+def describe_write_error(error: OSError | SafetensorError, output_dir: Path) -> str:
     number = getattr(error, "errno", None)
     if number is None and (match := re.search(r"os error (\d+)", str(error))):
         number = int(match.group(1))

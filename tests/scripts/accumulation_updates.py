@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -24,34 +25,29 @@ from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification, Co
 from convnextv2_hf.training import FCMAECollator, fcmae_loss, finish_distributed_run
 from convnextv2_hf.transforms import MixUpCutMixCollator
 
+TESTS = str(Path(__file__).resolve().parents[1])
+if TESTS not in sys.path:  # run as a script (under torchrun), only this folder is on the path
+    sys.path.insert(0, TESTS)
+from helpers import randomize_, tiny_config  # noqa: E402
+
 NUM_LABELS = 5
 CLASSIFIER_SIZE = 32
 FCMAE_SIZE = 64  # 2 x 2 patches of 32: 1 kept, 3 removed per image
 
 
-def tiny_config(**overrides) -> ConvNextV2Config:
-    fields = dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32], decoder_hidden_size=16, num_labels=NUM_LABELS)
-    fields.update(overrides)
-    return ConvNextV2Config(**fields)
-
-
-def perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    """Fixed weights with every parameter moved off its constant start (GRN, LayerNorm), the same in every run."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    return model
+def one_block_config() -> ConvNextV2Config:
+    """The tests' tiny config with one block per stage."""
+    return tiny_config(depths=[1, 1, 1, 1], num_labels=NUM_LABELS)
 
 
 def classifier() -> ConvNextV2ForImageClassification:
     torch.manual_seed(0)
-    return perturbed(ConvNextV2ForImageClassification(tiny_config()))
+    return randomize_(ConvNextV2ForImageClassification(one_block_config()), seed=1)  # the same weights in every run
 
 
 def fcmae() -> ConvNextV2ForMaskedImageModeling:
     torch.manual_seed(0)
-    return perturbed(ConvNextV2ForMaskedImageModeling(tiny_config()))
+    return randomize_(ConvNextV2ForMaskedImageModeling(one_block_config()), seed=1)
 
 
 class Examples(Dataset):
@@ -116,9 +112,9 @@ CASES: dict[str, Case] = {
     ),
     "classifier_mixup_cutmix_labels": Case(classifier, mixed_examples),
     "classifier_trainer_label_smoothing": Case(classifier, class_examples, label_smoothing_factor=0.1),
-    "fcmae_collator": Case(fcmae, fcmae_examples, lambda: FCMAECollator(tiny_config(), FCMAE_SIZE)),
+    "fcmae_collator": Case(fcmae, fcmae_examples, lambda: FCMAECollator(one_block_config(), FCMAE_SIZE)),
     "fcmae_collator_fcmae_loss": Case(
-        fcmae, fcmae_examples, lambda: FCMAECollator(tiny_config(), FCMAE_SIZE), compute_loss_func=fcmae_loss
+        fcmae, fcmae_examples, lambda: FCMAECollator(one_block_config(), FCMAE_SIZE), compute_loss_func=fcmae_loss
     ),
     "fcmae_without_labels": Case(fcmae, fcmae_examples),
 }
