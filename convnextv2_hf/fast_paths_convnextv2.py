@@ -82,12 +82,12 @@ class SparseMaskInterface(Protocol):
 # autocast is on for the device, else the activation's (``compute_dtype``). Each choice is the measured one:
 # - cpu fp32: all of them (BENCHMARKS.md, ablation on this project's 2-core EPYC: eager inference 1.6x with all,
 #   each path worth 9-13%; the fused training function saves 37% of a training step's memory at no cost in speed).
-# - cpu bf16 / fp16: a path is kept only where the ablation in that dtype (`benchmark.py --only ablate --dtype bf16`)
-#   does not show it slower than without it (BENCHMARKS.md, "Fast paths per dtype"). bf16, on this project's EPYC
-#   (no AMX, no AVX512-BF16: bf16 emulated; loaded machine, 2 repeats, inference only): in-place GELU (1.31x faster
-#   without it) and the square-sum norm (1.44x faster without) are off, the fold (0.81x without) stays; the training
-#   paths were not timed and stay. fp16: the ablation did not finish in its budget: every path, as before.
-#   Re-measure on a quiet CPU with native bf16.
+# - cpu bf16: all of them, from the ablation in bf16 weights and under bf16 autocast on a quiet AVX512-BF16 EPYC
+#   (native bf16, matmul peak 4.3x fp32; BENCHMARKS.md, "Fast paths per dtype"): the square-sum norm is worth
+#   18-21% at inference, the fused training function 25% of an autocast step (and half its memory), the sparse
+#   downsample matmul 7% of an FCMAE step; none is slower by more than the noise (1-2%). An earlier ablation on an
+#   AVX2 EPYC that emulates bf16, on a busy machine, had dropped in-place GELU and the square-sum norm.
+# - cpu fp16: every path, as before (its ablation has not been run to the end).
 # - cuda and anything else: none until measured on that device and dtype. The GRN fold turns one GEMM into a
 #   batched matmul with per-sample weights, which a GPU may run slower than a plain GEMM in bf16; the square-sum norm
 #   only beats torch's reduction on CPU; in-place GELU saves allocations that a caching allocator makes cheap anyway.
@@ -96,7 +96,7 @@ class SparseMaskInterface(Protocol):
 # A (device, dtype) not listed (fp64 anywhere, an unknown device) runs none: the reference math.
 DEVICE_DEFAULTS: dict[tuple[str, torch.dtype], frozenset[str]] = {
     ("cpu", torch.float32): frozenset(FAST_PATH_NAMES),
-    ("cpu", torch.bfloat16): frozenset(FAST_PATH_NAMES) - {"inplace_gelu", "square_sum_norm"},
+    ("cpu", torch.bfloat16): frozenset(FAST_PATH_NAMES),
     ("cpu", torch.float16): frozenset(FAST_PATH_NAMES),
     ("cuda", torch.float32): frozenset(),
     ("cuda", torch.bfloat16): frozenset(),

@@ -159,6 +159,8 @@ def test_fast_paths_true_follows_the_compute_dtype(dtype, how, monkeypatch, coun
 def test_the_measured_table_has_a_row_per_device_and_dtype():
     # CPU fp32 keeps every path (measured); CUDA stays off in every dtype until `make gpu-check` measures it
     assert fast.DEVICE_DEFAULTS[("cpu", torch.float32)] == frozenset(FAST_PATH_NAMES)
+    # CPU bf16 keeps every path too: the ablation on a native-bf16 CPU (AVX512-BF16) showed none slower (BENCHMARKS.md)
+    assert fast.DEVICE_DEFAULTS[("cpu", torch.bfloat16)] == frozenset(FAST_PATH_NAMES)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert ("cpu", dtype) in fast.DEVICE_DEFAULTS
         assert fast.DEVICE_DEFAULTS[("cuda", dtype)] == frozenset()
