@@ -4,8 +4,8 @@ The rest of the package reaches each one through a function here, never directly
 what it is used for and a check; ``internal_problems()`` runs the checks and returns one line per internal that is
 missing or has changed behaviour, naming it. ``tests/test_compat.py`` fails with those lines, so an upgrade of
 transformers or torch that moves one of them fails loudly in CI instead of quietly at a user's. At run time, where an
-internal is gone, each function here takes the safe side: the reference math instead of a fast path, a check kept
-instead of skipped where that cannot break a trace.
+internal is gone, each function here takes the safe side: the reference math instead of a fast path, no layer taken
+as unhooked, bf16 not chosen automatically.
 
 Two of the internals are hooks transformers calls on its subclasses (``_dict_from_json_file``,
 ``_validate_preprocess_kwargs``): the package overrides them, so their checks verify that transformers still calls
@@ -29,6 +29,10 @@ from torch import nn
 # torch
 # ----------------------------------------------------------------------------------------------------------
 
+_MODULE_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")  # on every nn.Module
+_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks")  # in torch.nn.modules.module
+_CPU_BF16_QUERIES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # in torch.cpu
+
 
 def functorch_transforms_active() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``...) is running: the fast paths' autograd
@@ -43,11 +47,8 @@ def has_forward_hooks(module: nn.Module) -> bool:
     that works on its weight would bypass. torch has no public query; where the private dicts are gone, say yes."""
     registry = nn.modules.module
     try:
-        return bool(
-            module._forward_hooks
-            or module._forward_pre_hooks
-            or registry._global_forward_hooks
-            or registry._global_forward_pre_hooks
+        return any(getattr(module, name) for name in _MODULE_HOOK_DICTS) or any(
+            getattr(registry, name) for name in _GLOBAL_HOOK_DICTS
         )
     except AttributeError:
         return True
@@ -83,7 +84,7 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU runs bf16 matrix products natively (AMX-BF16 tiles or AVX512-BF16). torch's queries are
     private; where both are gone, say no (bf16 is then not chosen automatically)."""
     cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    checks = [getattr(cpu, name, None) for name in _CPU_BF16_QUERIES]
     return any(bool(check()) for check in checks if check is not None)
 
 
@@ -143,24 +144,24 @@ def _check_functorch_probe() -> str | None:
 def _check_hook_dicts() -> str | None:
     layer = nn.Linear(1, 1)
     registry = nn.modules.module
-    if not all(hasattr(registry, name) for name in ("_global_forward_hooks", "_global_forward_pre_hooks")):
+    if not all(hasattr(registry, name) for name in _GLOBAL_HOOK_DICTS):
         return "the global hook dicts are gone"
-    if not all(hasattr(layer, name) for name in ("_forward_hooks", "_forward_pre_hooks")):
+    if not all(hasattr(layer, name) for name in _MODULE_HOOK_DICTS):
         return "a module's hook dicts are gone"
     if has_forward_hooks(layer):
         return "a new module reports hooks"
-    for register in (layer.register_forward_hook, layer.register_forward_pre_hook):
+    registrations = [
+        ("a hook", layer.register_forward_hook),
+        ("a hook", layer.register_forward_pre_hook),
+        ("a global hook", registry.register_module_forward_hook),
+        ("a global hook", registry.register_module_forward_pre_hook),
+    ]
+    for kind, register in registrations:
         handle = register(lambda *args: None)
         seen = has_forward_hooks(layer)
         handle.remove()
         if not seen:
-            return f"a hook added by {register.__name__} is not in the dicts read"
-    for register in (registry.register_module_forward_hook, registry.register_module_forward_pre_hook):
-        handle = register(lambda *args: None)
-        seen = has_forward_hooks(layer)
-        handle.remove()
-        if not seen:
-            return f"a global hook added by {register.__name__} is not in the dicts read"
+            return f"{kind} added by {register.__name__} is not in the dicts read"
     return None
 
 
@@ -182,7 +183,7 @@ def _check_convolution_backward() -> str | None:
 
 def _check_cpu_queries() -> str | None:
     cpu = getattr(torch, "cpu", None)
-    missing = [name for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported") if not hasattr(cpu, name)]
+    missing = [name for name in _CPU_BF16_QUERIES if not hasattr(cpu, name)]
     return f"{', '.join(missing)} gone" if missing else None
 
 

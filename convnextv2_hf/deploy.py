@@ -17,6 +17,7 @@ The runtimes are an optional extra, imported when first used: ``pip install 'con
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from pathlib import Path
@@ -50,17 +51,12 @@ def import_optional(module: str, purpose: str):
         raise ImportError(f"{purpose} needs the {module!r} package ({error}): {INSTALL_HINT}") from None
 
 
-_OPENVINO_CORE = None
-
-
+@functools.cache
 def openvino_core():
     """The process's one ``openvino.Core``. Every ``Core`` starts its own CPU thread pools; with several alive, a
     process that later forks (DataLoader workers) and spawns children (torchrun) was seen to corrupt memory and
     crash with OpenVINO 2026.4, so every model this package compiles shares one."""
-    global _OPENVINO_CORE
-    if _OPENVINO_CORE is None:
-        _OPENVINO_CORE = import_optional("openvino", "running the openvino export").Core()
-    return _OPENVINO_CORE
+    return import_optional("openvino", "running the openvino export").Core()
 
 
 def check_choice(runtime: str, precision: str) -> None:

@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     else:  # plain integer labels are the model's ids
         to_model_id = np.arange(model.config.num_labels)
     metric = load_top_k_accuracy()
+    device_type = torch.device(args.device).type
     for pixels, labels in evaluation_batches(dataset, processor, args):
-        device_type = torch.device(args.device).type
         with torch.inference_mode(), torch.autocast(device_type, torch.bfloat16, enabled=args.bf16_autocast):
             logits = model(pixels.to(args.device)).logits.float().cpu().numpy()
         if labels.min() < 0 or labels.max() >= len(to_model_id):
