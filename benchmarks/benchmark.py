@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -425,11 +426,18 @@ def run_inference(bench: Bench) -> None:
                     (f"infer {name} {low}-autocast {mode}", args.batch, autocast_step(model, pixels, bench, low_dtype),
                      anchor, extra)
                 )  # fmt: skip
-        if not compiled:
-            cases += runtime_cases(bench, ours, pixels, gflop)
         if compiled and f"infer ours {low}-autocast compile" in {case[0] for case in cases}:
             bench.comparisons.append((f"infer ours {low}-autocast compile", "infer openvino default eager"))
         bench.measure(cases)
+        if not compiled:
+            # each runtime in a round-robin of its own, after the torch cases and against their built-in anchor: a
+            # runtime's thread pool keeps spinning after each call (ONNX Runtime by default), which took a third
+            # of the 2 cores from the torch cases timed beside it; its sessions are gone before the next phase
+            for make_cases in runtime_phases(bench, ours, pixels, gflop):
+                runtime_cases = make_cases()
+                bench.measure(runtime_cases)
+                del runtime_cases
+                gc.collect()
     if args.low_precision and not bench.out_of_time("agreement"):
         photos = photo_batch(args.image_size).to(bench.device)
         bench.agreement = low_precision_agreement(ours, photos, low_dtype)
@@ -475,10 +483,12 @@ def compile_frozen(model: torch.nn.Module):
     return run
 
 
-def runtime_cases(bench: Bench, model, pixels: torch.Tensor, gflop: float | None) -> list[tuple]:
+def runtime_phases(bench: Bench, model, pixels: torch.Tensor, gflop: float | None) -> list[Callable[[], list]]:
     """ONNX Runtime fp32, OpenVINO f32 and OpenVINO at its default precision on this CPU, on one
-    ``torch.onnx.export(dynamo=True)`` of ``model`` (``convnextv2_hf.export``), with as many threads as torch uses.
-    A runtime that is not installed, or an export that fails, is a note, not an error."""
+    ``torch.onnx.export(dynamo=True)`` of ``model`` (``convnextv2_hf.export``), with as many threads as torch uses:
+    one function per runtime that opens its sessions and returns its cases, so that no runtime's threads exist
+    while another phase is timed. A runtime that is not installed, or an export that fails, is a note, not an
+    error."""
     args = bench.args
     wanted = [runtime for runtime in args.runtimes if not bench.out_of_time(f"infer {runtime}")]
     if not wanted:
@@ -493,6 +503,7 @@ def runtime_cases(bench: Bench, model, pixels: torch.Tensor, gflop: float | None
     if not wanted:
         return []
     try:
+        from convnextv2_hf.deploy import openvino_core
         from convnextv2_hf.export import export_onnx
     except ImportError as error:
         bench.note("infer runtimes", f"convnextv2_hf.export not importable ({error})")
@@ -506,31 +517,34 @@ def runtime_cases(bench: Bench, model, pixels: torch.Tensor, gflop: float | None
         return []
     inputs = pixels.cpu().numpy()
     threads = torch.get_num_threads()
-    cases = []
     anchor = "infer builtin eager"
-    if "onnxruntime" in wanted:
+
+    def onnxruntime_cases() -> list[tuple]:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        cases.append(
+        return [
             ("infer onnxruntime fp32 eager", args.batch, lambda: session.run(None, {"pixel_values": inputs}), anchor,
              {"precision": "fp32", "gflop": gflop, "peak_gb": None})
-        )  # fmt: skip
-    if "openvino" in wanted:
-        import openvino
+        ]  # fmt: skip
 
-        core = openvino.Core()
+    def openvino_cases() -> list[tuple]:
+        cases = []
         for label, hint in (("f32", {"INFERENCE_PRECISION_HINT": "f32"}), ("default", {})):
-            compiled = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, **hint})
+            # one Core per process (deploy.openvino_core): several of them corrupted memory once workers forked
+            compiled = openvino_core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, **hint})
             precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
             precision = {"f32": "fp32", "f16": "fp16"}.get(precision, precision)
             cases.append(
                 (f"infer openvino {label} eager", args.batch, lambda compiled=compiled: compiled(inputs), anchor,
                  {"precision": precision, "gflop": gflop, "runtime_precision": precision, "peak_gb": None})
             )  # fmt: skip
-    return cases
+        return cases
+
+    makers = {"onnxruntime": onnxruntime_cases, "openvino": openvino_cases}
+    return [makers[runtime] for runtime in wanted]
 
 
 def training_step(model, make_loss, bench: Bench, dtype: torch.dtype | None | str = "run") -> Callable[[], None]:

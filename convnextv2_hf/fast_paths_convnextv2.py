@@ -184,13 +184,29 @@ def square_sum_norm(positions: torch.Tensor) -> torch.Tensor:
     32 MB mmap threshold costs a page fault per 4 KB); under autograd in one piece, as the backward of chunks would
     copy the whole gradient to join them. Both reasons are CPU ones: whether this path runs is chosen per device
     (``DEVICE_DEFAULTS``), and the chunk size was measured on CPU only.
+
+    The sum accumulates in fp32 (fp64 for fp64) whatever the input dtype. A bf16 input is squared in bf16 where no
+    graph is kept: each square is rounded once (at most 2^-9 relative; bf16 has fp32's range, so it cannot
+    overflow), which keeps the norm within 2^-10 of the exact one, below the rounding of GRN's own bf16 output, and
+    saves the pass that widens the whole activation to fp32 (BENCHMARKS.md, "bf16 inference"). fp16 is widened
+    first: its squares overflow above 256.
     """
     accumulate = accumulation_dtype(positions.dtype)
-    samples_per_chunk = max(1, (1 << 22) // max(positions[0].numel(), 1)) if positions.shape[0] else 1
-    if positions.requires_grad or positions.shape[0] <= samples_per_chunk:
+    # bf16 in smaller chunks: its fp32 partial sums come from a widened copy of each chunk that sum() makes, and
+    # 4M-element chunks cost more in fresh pages than they save in calls (1M: 1.3x faster bf16 inference)
+    chunk_elements = 1 << 20 if positions.dtype == torch.bfloat16 else 1 << 22
+    samples_per_chunk = max(1, chunk_elements // max(positions[0].numel(), 1)) if positions.shape[0] else 1
+    if positions.requires_grad:
         return _sqrt_zero_gradient_at_zero(positions.to(accumulate).square().sum(dim=1))
-    chunks = positions.split(samples_per_chunk)
-    return torch.cat([chunk.to(accumulate).square().sum(dim=1) for chunk in chunks]).sqrt()
+
+    def sum_of_squares(chunk: torch.Tensor) -> torch.Tensor:
+        if chunk.dtype == torch.bfloat16:
+            return chunk.square().sum(dim=1, dtype=accumulate)
+        return chunk.to(accumulate).square().sum(dim=1)
+
+    if positions.shape[0] <= samples_per_chunk:
+        return sum_of_squares(positions).sqrt()
+    return torch.cat([sum_of_squares(chunk) for chunk in positions.split(samples_per_chunk)]).sqrt()
 
 
 def _sqrt_zero_gradient_at_zero(sum_of_squares: torch.Tensor) -> torch.Tensor:

@@ -175,8 +175,36 @@ def test_a_runtime_that_is_not_installed_is_a_note_not_a_failure(monkeypatch, tm
     bench = benchmark.Bench(benchmark.parse_args(["--runtimes", "openvino", "--output", str(tmp_path / "r.json")]))
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "openvino" else real_find_spec(name))
-    cases = benchmark.runtime_cases(bench, None, torch.zeros(1, 3, 64, 64), None)
-    assert cases == []
+    phases = benchmark.runtime_phases(bench, None, torch.zeros(1, 3, 64, 64), None)
+    assert phases == []
     assert bench.notes == ["infer openvino: openvino not installed (pip install '.[deploy]')"]
     assert benchmark.parse_args(["--device", "cpu"]).runtimes == ["onnxruntime", "openvino"]
     assert benchmark.parse_args(["--runtimes"]).runtimes == []
+
+
+@pytest.mark.slow
+def test_each_runtime_is_timed_in_a_round_robin_of_its_own_after_the_torch_cases(monkeypatch, tmp_path):
+    # a runtime's spinning thread pool took a third of the cores from the torch cases timed beside it: no
+    # round-robin may mix a runtime with torch, nor two runtimes, and the torch cases go first
+    installed = [module for module in ("onnxruntime", "openvino") if importlib.util.find_spec(module) is not None]
+    if not installed:
+        pytest.skip("no deployment runtime installed (pip install '.[deploy]')")
+    benchmark = load_benchmark_module()
+    arguments = ["--model", "atto", "--image-size", "32", "--batch", "1", "--warmup", "0", "--repeats", "1",
+                 "--timm", "none", "--only", "infer", "--output", str(tmp_path / "r.json")]  # fmt: skip
+    bench = benchmark.Bench(benchmark.parse_args(arguments))
+    rounds = []
+    real_measure = bench.measure
+    monkeypatch.setattr(bench, "measure", lambda cases: (rounds.append([c[0] for c in cases]), real_measure(cases)))
+    benchmark.run_inference(bench)
+
+    def kind(name: str) -> str:
+        return next((module for module in ("onnxruntime", "openvino") if module in name), "torch")
+
+    kinds = [{kind(name) for name in names} for names in rounds]
+    assert all(len(round_kinds) == 1 for round_kinds in kinds), rounds
+    assert [next(iter(k)) for k in kinds] == ["torch", *installed], rounds
+    names = {row["name"] for row in bench.rows}
+    assert "infer ours bf16-weights eager" in names and all(
+        row["anchor"] == "infer builtin eager" for row in bench.rows if kind(row["name"]) != "torch"
+    )
