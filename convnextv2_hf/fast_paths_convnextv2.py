@@ -191,22 +191,35 @@ def square_sum_norm(positions: torch.Tensor) -> torch.Tensor:
     saves the pass that widens the whole activation to fp32 (BENCHMARKS.md, "bf16 inference"). fp16 is widened
     first: its squares overflow above 256.
     """
-    accumulate = accumulation_dtype(positions.dtype)
-    # bf16 in smaller chunks: its fp32 partial sums come from a widened copy of each chunk that sum() makes, and
-    # 4M-element chunks cost more in fresh pages than they save in calls (1M: 1.3x faster bf16 inference)
-    chunk_elements = 1 << 20 if positions.dtype == torch.bfloat16 else 1 << 22
-    samples_per_chunk = max(1, chunk_elements // max(positions[0].numel(), 1)) if positions.shape[0] else 1
     if positions.requires_grad:
+        accumulate = accumulation_dtype(positions.dtype)
         return _sqrt_zero_gradient_at_zero(positions.to(accumulate).square().sum(dim=1))
+    return position_sum(positions, positions, widen=positions.dtype != torch.bfloat16).sqrt()
 
-    def sum_of_squares(chunk: torch.Tensor) -> torch.Tensor:
-        if chunk.dtype == torch.bfloat16:
-            return chunk.square().sum(dim=1, dtype=accumulate)
-        return chunk.to(accumulate).square().sum(dim=1)
 
-    if positions.shape[0] <= samples_per_chunk:
-        return sum_of_squares(positions).sqrt()
-    return torch.cat([sum_of_squares(chunk) for chunk in positions.split(samples_per_chunk)]).sqrt()
+def position_sum(first: torch.Tensor, second: torch.Tensor | None = None, widen: bool = False) -> torch.Tensor:
+    """(N, P, C) -> (N, C): the sum over positions of ``first`` (times ``second``), accumulated in fp32 (fp64 for
+    fp64), a few samples at a time, for tensors no graph is kept of. ``widen``: multiply in the accumulation dtype
+    (fp16 products overflow above 65504), else in the inputs' dtype, rounded once.
+
+    In one piece, ``sum(dtype=fp32)`` of a half-precision activation first writes a widened copy of all of it (and the
+    product before that): at 224 px those are 20-40 MB fresh allocations, each page-faulted in, which cost a bf16
+    training step more than its matrix products. In chunks of about 1M elements the temporaries are reused; the
+    numbers are the same sums.
+    """
+    accumulate = accumulation_dtype(first.dtype)
+    samples = max(1, (1 << 20) // max(first[0].numel(), 1)) if first.shape[0] else 1
+
+    def chunk_sum(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if widen:
+            a = a.to(accumulate)
+            b = None if b is None else b.to(accumulate)
+        return (a if b is None else a * b).sum(dim=1, dtype=accumulate)
+
+    if first.shape[0] <= samples:
+        return chunk_sum(first, second)
+    seconds = [None] * len(range(0, first.shape[0], samples)) if second is None else second.split(samples)
+    return torch.cat([chunk_sum(a, b) for a, b in zip(first.split(samples), seconds, strict=True)])
 
 
 def _sqrt_zero_gradient_at_zero(sum_of_squares: torch.Tensor) -> torch.Tensor:
@@ -371,9 +384,10 @@ class GeluGrnLinear(torch.autograd.Function):
         if not (needs_h or needs_gamma or needs_beta):
             return (None, None, None, grad_weight, grad_bias) + no_grad_for_the_rest
         grad_grn_output = (grad_flat @ weight.to(grad_flat.dtype)).view(h.shape).to(dtype)
-        grad_beta = grad_grn_output.reshape(-1, channels).sum(dim=0, dtype=accumulate).reshape(beta.shape)
+        grad_positions = grad_grn_output.flatten(1, -2)  # (N, positions, C)
+        grad_beta = position_sum(grad_positions).sum(dim=0).reshape(beta.shape)
         # d loss / d scale: (N, C)
-        grad_scale = (grad_grn_output * activated).flatten(1, -2).sum(dim=1, dtype=accumulate)
+        grad_scale = position_sum(grad_positions, activated.flatten(1, -2))
         grad_gamma = (grad_scale * relative).sum(dim=0).reshape(gamma.shape)
         # relative = norm / (mean over channels of norm + eps)
         grad_relative = grad_scale * gamma.reshape(-1)
