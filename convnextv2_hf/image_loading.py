@@ -29,11 +29,11 @@ PIL images and image files (paths, bytes), by property:
 Arrays and tensors carry no mode and no EXIF; ``array_pixels`` reads them by dtype and shape: (H, W),
 (H, W, C) or (C, H, W) with C in {1, 3, 4} (channels first when the first axis could be either, as transformers
 reads them). uint8 as 0..255; uint16 as 16-bit (as above); bool as 0/255 (as mode 1); other integer types when
-within 0..255 (an int32 array is not mode I: give 16-bit pixels as uint16); floating point as given (finite
-values only), for the processor's ``do_rescale`` (the PIL backend, which resizes 8-bit pixels, rounds float arrays
-with values above 1 to 8 bits first, as for mode F). Four integer channels are RGBA, composited on white as above
-(float RGBA is left to transformers, which composites alpha in [0, 1]). Two channels are refused: grey+alpha or
-something else, an array cannot say; pass a PIL "LA" image.
+within 0..255 (an int32 array is not mode I: give 16-bit pixels as uint16); floating point as given here (finite
+values only), and the processors, when they resize, read float pixels as 8-bit as for mode F (values all in [0, 1]
+scaled by 255, else 0..255 with ``do_rescale``; rounded), so a float array gives the pixels of the same values as
+uint8. Four integer channels are RGBA, composited on white as above (float RGBA too, once brought to 8 bits). Two
+channels are refused: grey+alpha or something else, an array cannot say; pass a PIL "LA" image.
 
 **Decoding is bounded.** A file whose header says it decodes to more than ``max_image_pixels()`` pixels (default
 89,478,485, PIL's own threshold; the environment variable ``CONVNEXTV2_MAX_IMAGE_PIXELS`` or

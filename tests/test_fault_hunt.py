@@ -1286,6 +1286,19 @@ def _rgba_alike(ctx):
             expect_check(torch.equal(got, as_image), f"{backend} {type(array).__name__}: {difference}")
 
 
+@case("processor/float-arrays-are-their-8-bit-pixels")
+def _float_arrays_exact(ctx):
+    """Sharp RGBA noise as float32 in 0..255 and as [0, 1] with do_rescale=False: the pixels of the same values as
+    uint8, in both backends (resampled as floats they differed by 16 levels; float RGBA above 1 was refused)."""
+    rgba = np.random.RandomState(0).randint(0, 256, (40, 48, 4), dtype=np.uint8)
+    for backend in PROCESSORS:
+        as_uint8 = processed(rgba, backend)
+        for floats, settings in ((rgba.astype(np.float32), {}), (rgba / 255.0, {"do_rescale": False})):
+            got = processed(floats, backend, **settings)
+            difference = float((got - as_uint8).abs().max())
+            expect_check(difference < 1e-5, f"{backend} {settings}: {difference}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # conversion: hostile, truncated and bit-flipped files; dangerous output folders; bad command lines
 # ----------------------------------------------------------------------------------------------------------
