@@ -2798,6 +2798,27 @@ def _bad_file_name(ctx):
     _finetune_on(ctx, data)
 
 
+@case("training/top-k-metric-output-tuple-and-padded-labels")
+def _top_k_tuple(ctx):
+    """What a Trainer hands compute_metrics for a model that also returns hidden states: (logits, hidden states) and
+    labels padded with -100. The padded rows are left out, not counted wrong."""
+    from transformers import EvalPrediction
+
+    from convnextv2_hf.metrics import top_k_compute_metrics
+
+    logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]], np.float32)
+    prediction = EvalPrediction(predictions=(logits, np.zeros((3, 4, 2, 2))), label_ids=np.array([1, -100, 0]))
+    scores = top_k_compute_metrics(k=2)(prediction)
+    expect_check(scores == {"accuracy": 0.5, "top2_accuracy": 0.5}, f"{scores}")
+
+
+@case("training/top-k-metric-nan-scores", error=r"1 of 2 rows of scores hold NaN or infinite values")
+def _top_k_nan(ctx):
+    from convnextv2_hf.metrics import load_top_k_accuracy
+
+    load_top_k_accuracy().compute(predictions=[[np.nan, 0.0], [0.0, 1.0]], references=[0, 1], k=1)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # loading: from_pretrained of damaged, foreign or mismatched folders
 # ----------------------------------------------------------------------------------------------------------
