@@ -523,9 +523,14 @@ def test_pipeline_fetches_urls_and_base64_for_the_processor(world):
 @pytest.fixture
 def restore_limits():
     ours, pils = image_loading.max_image_pixels(), PIL.Image.MAX_IMAGE_PIXELS
+    environment = os.environ.get(image_loading.MAX_PIXELS_ENV)
     yield
     image_loading.set_max_image_pixels(ours)
     PIL.Image.MAX_IMAGE_PIXELS = pils  # set_max_image_pixels never lowers PIL's
+    if environment is None:
+        os.environ.pop(image_loading.MAX_PIXELS_ENV, None)
+    else:
+        os.environ[image_loading.MAX_PIXELS_ENV] = environment
 
 
 @pytest.fixture(scope="module")
@@ -610,6 +615,27 @@ def test_the_limit_is_set_in_one_place(world, restore_limits):
     PIL.Image.MAX_IMAGE_PIXELS = 2000
     with pytest.raises(ValueError, match="over the limit of 2,000 pixels"):
         processed("torchvision", source)
+
+
+def test_the_limit_set_in_the_parent_holds_in_spawned_dataloader_workers(tmp_path, restore_limits):
+    """set_max_image_pixels in the training process reaches DataLoader workers started by "spawn" (which import the
+    package afresh): a 56 x 40 image over a limit of 2,000 is refused there too, and allowed once it is raised."""
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    PIL.Image.new("RGB", (56, 40), (10, 20, 30)).save(folder / "0.png")
+    train = image_folder_dataset(tmp_path, fcmae_evaluation_transform(SIZE))["train"]
+
+    def first_batch():
+        loader = torch.utils.data.DataLoader(train, batch_size=1, num_workers=1, multiprocessing_context="spawn")
+        return next(iter(loader))["pixel_values"]
+
+    image_loading.set_max_image_pixels(2000)
+    assert os.environ[image_loading.MAX_PIXELS_ENV] == "2000"
+    with pytest.raises(ValueError, match="56 x 40 = 2,240 pixels, over the limit of 2,000 pixels"):
+        first_batch()
+    image_loading.set_max_image_pixels(None)
+    assert os.environ[image_loading.MAX_PIXELS_ENV] == "none"
+    assert first_batch().shape == (1, 3, SIZE, SIZE)
 
 
 def test_the_environment_variable_sets_the_limit():
