@@ -29,15 +29,16 @@ PIL images and image files (paths, bytes), by property:
 Arrays and tensors carry no mode and no EXIF; ``array_pixels`` reads them by dtype and shape: (H, W),
 (H, W, C) or (C, H, W) with C in {1, 3, 4} (channels first when the first axis could be either, as transformers
 reads them). uint8 as 0..255; uint16 as 16-bit (as above); bool as 0/255 (as mode 1); other integer types when
-within 0..255 (an int32 array is not mode I: give 16-bit pixels as uint16); floating point as given (finite
-values only), for the processor's ``do_rescale`` (the PIL backend, which resizes 8-bit pixels, rounds float arrays
-with values above 1 to 8 bits first, as for mode F). Four integer channels are RGBA, composited on white as above
-(float RGBA is left to transformers, which composites alpha in [0, 1]). Two channels are refused: grey+alpha or
-something else, an array cannot say; pass a PIL "LA" image.
+within 0..255 (an int32 array is not mode I: give 16-bit pixels as uint16); floating point as given here (finite
+values only), and the processors, when they resize, read float pixels as 8-bit as for mode F (values all in [0, 1]
+scaled by 255, else 0..255 with ``do_rescale``; rounded), so a float array gives the pixels of the same values as
+uint8. Four integer channels are RGBA, composited on white as above (float RGBA too, once brought to 8 bits). Two
+channels are refused: grey+alpha or something else, an array cannot say; pass a PIL "LA" image.
 
 **Decoding is bounded.** A file whose header says it decodes to more than ``max_image_pixels()`` pixels (default
 89,478,485, PIL's own threshold; the environment variable ``CONVNEXTV2_MAX_IMAGE_PIXELS`` or
-``set_max_image_pixels`` changes it, ``None`` / 0 turns it off) is refused with a ``ValueError`` naming it before
+``set_max_image_pixels`` changes it, in this process and those it starts later; ``None`` / 0 turns it off) is
+refused with a ``ValueError`` naming it before
 its pixels are decoded (PIL opens lazily: the header gives the size). A 12000 x 12000 1-bit PNG is 18 KB on disk
 and 432 MB as RGB. PIL's own check (``PIL.Image.MAX_IMAGE_PIXELS``, a warning above it and an error above twice
 it) is kept in step: ``set_max_image_pixels`` raises PIL's with ours, PIL's warning is ours, and PIL's error
@@ -102,9 +103,11 @@ def max_image_pixels() -> int | None:
 def set_max_image_pixels(limit: int | None) -> None:
     """Set the decoding limit (``None`` or 0: none). PIL's own ``PIL.Image.MAX_IMAGE_PIXELS`` is raised with it
     when lower, so PIL does not refuse what was allowed here; it is never lowered (a stricter PIL setting of
-    yours stays in force, and its refusals are reported as ours)."""
+    yours stays in force, and its refusals are reported as ours). The environment variable is set to it too, so
+    processes started afterwards (DataLoader workers under "spawn", torchrun children) read the same limit."""
     global _max_image_pixels
     _max_image_pixels = _parse_limit(limit)
+    os.environ[MAX_PIXELS_ENV] = "none" if _max_image_pixels is None else str(_max_image_pixels)
     pil_limit = PIL.Image.MAX_IMAGE_PIXELS
     if pil_limit is not None and (_max_image_pixels is None or _max_image_pixels > pil_limit):
         PIL.Image.MAX_IMAGE_PIXELS = _max_image_pixels

@@ -15,7 +15,11 @@ EXIF orientation applied, alpha composited on white, 16-bit and float grey scale
 those, turning a 16-bit photo white); decoding is bounded (``image_loading.max_image_pixels``) and complete, so a
 truncated file fails with its index instead of deep inside the resize. Arrays and tensors, (H, W), (H, W, C) or
 (C, H, W) with C in {1, 3, 4}, are read by dtype: uint8 as 0..255, uint16 as 16-bit, bool as 0/255, other
-integers within 0..255, floating point as given (finite values only), integer RGBA composited on white.
+integers within 0..255, integer RGBA composited on white, floating point as the 8-bit pixels it stands for when
+the processor resizes (as mode F: values all in [0, 1] scaled by 255, else 0..255 with ``do_rescale``; rounded,
+then read as an 8-bit array), so a float array gives exactly the pixels of the same values as uint8 in both
+backends; other floats (``do_rescale=False`` beyond [0, 1], or above 255 in the torchvision backend) are taken as
+given, as are all floats when a call's ``rescale_factor`` is not 1/255 (it says what the values mean).
 Floating-point images whose values all lie in [0, 1] get a ``UserWarning`` when ``do_rescale`` is on, since
 dividing by 255 again would leave them nearly black.
 
@@ -55,7 +59,7 @@ from transformers.models.convnext.image_processing_convnext import ConvNextImage
 from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
 
 from .compat_convnextv2 import prefer_pil_backend, register_image_processor_classes
-from .image_loading import decode_image, eight_bit_from_float
+from .image_loading import array_pixels, decode_image, eight_bit_from_float
 from .pipelines import register_pipelines
 
 EVAL_CROP_PCT = 0.875
@@ -161,17 +165,31 @@ def _is_float_array(image) -> bool:
 
 
 def _looks_rescaled(image) -> bool:
-    if isinstance(image, torch.Tensor) and image.is_floating_point():
-        return bool(image.min() >= 0 and image.max() <= 1)
-    if isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating):
-        return bool(image.min() >= 0 and image.max() <= 1)
-    return False
+    return _is_float_array(image) and bool(image.min() >= 0 and image.max() <= 1)
 
 
-def prepare_images(images, do_rescale: bool = True, eight_bit_floats: bool = False) -> list:
-    """The images as a list the backends read correctly (rules in the module docstring). ``eight_bit_floats``:
-    floating-point arrays with values above 1 are rounded to uint8 (the PIL backend resizes 8-bit images, and
-    transformers would refuse float values above 1 there).
+def eight_bit_float_pixels(image):
+    """A floating-point array as the 8-bit pixels it stands for, as a mode "F" image is read: values in [0, 1]
+    (all of them) scaled by 255, others taken as 0..255, rounded, then read as an 8-bit array (RGBA composited on
+    white). Values in [0, 1] come back as float32 ``k / 255`` (still for ``do_rescale=False``), others as uint8.
+    ``ValueError`` for values outside 0..255."""
+    unit = _looks_rescaled(image)
+    eight = array_pixels(eight_bit_from_float(image * 255 if unit else image))
+    if not unit:
+        return eight
+    return eight.to(torch.float32) / 255 if isinstance(eight, torch.Tensor) else eight.astype(np.float32) / 255
+
+
+def prepare_images(
+    images, do_rescale: bool = True, eight_bit_floats: bool = False, wide_floats_as_given: bool = False
+) -> list:
+    """The images as a list the backends read correctly (rules in the module docstring). ``eight_bit_floats``
+    (set when the processor resizes): floating-point arrays of pixel values (all in [0, 1], or in 0..255 with
+    ``do_rescale``) are brought to 8 bits first (``eight_bit_float_pixels``), so that they give the pixels of the
+    same values as uint8: resampled as floats they would miss the 8-bit path's rounding and clipping (bicubic
+    overshoots), and transformers refuses float RGBA above 1. Float values above 255 are refused there, or with
+    ``wide_floats_as_given`` (the torchvision backend, which resamples floats) left as they are, for a
+    ``rescale_factor`` of the user's (1 / 65535 for 16-bit values given as floats).
 
     Raises ``ValueError`` for an empty batch, and "image I of N: ..." for the first image that is not one.
     Warns (``UserWarning``) when ``do_rescale`` is on and floating-point images already lie in [0, 1].
@@ -184,8 +202,9 @@ def prepare_images(images, do_rescale: bool = True, eight_bit_floats: bool = Fal
         try:
             image = decode_image(image)
             looks_rescaled = _looks_rescaled(image)
-            if eight_bit_floats and _is_float_array(image) and not looks_rescaled:
-                image = eight_bit_from_float(image)
+            wide = wide_floats_as_given and _is_float_array(image) and bool(image.max() > 255)
+            if eight_bit_floats and _is_float_array(image) and (looks_rescaled or (do_rescale and not wide)):
+                image = eight_bit_float_pixels(image)
         except ValueError as error:
             raise ValueError(f"image {index} of {len(batch)}: {error}") from None
         if do_rescale and looks_rescaled:
@@ -248,9 +267,17 @@ class _OfficialEvalDefaults:
         do_rescale = self.do_rescale if do_rescale is None else do_rescale
         do_resize = kwargs.get("do_resize")
         do_resize = self.do_resize if do_resize is None else do_resize
-        # PIL resizes 8-bit images: float arrays given for do_rescale (0..255) are rounded as mode F images are
-        eight_bit_floats = self.backend == "pil" and do_rescale and do_resize
-        images = prepare_images(images, do_rescale=do_rescale, eight_bit_floats=eight_bit_floats)
+        rescale_factor = kwargs.get("rescale_factor")
+        rescale_factor = self.rescale_factor if rescale_factor is None else rescale_factor
+        # float arrays of pixel values are resized as the 8-bit pixels they stand for (as mode F images are), unless
+        # a rescale_factor of the caller's own says what the values mean
+        eight_bit_scale = not do_rescale or abs(rescale_factor - 1 / 255) < 1e-9
+        images = prepare_images(
+            images,
+            do_rescale=do_rescale,
+            eight_bit_floats=do_resize and eight_bit_scale,
+            wide_floats_as_given=self.backend != "pil",
+        )
         try:
             return super().preprocess(images, *args, **kwargs)
         except StrictDataclassError as error:  # a call argument of the wrong type (do_rescale="yes", ...)
@@ -273,6 +300,14 @@ class _OfficialEvalDefaults:
         edge = size.shortest_edge
         if not edge:
             raise ValueError(f"size must have a 'shortest_edge' key, got {dict(size)}")
+        if self.backend != "pil" and _looks_rescaled(image):
+            levels = image.to(torch.float32) * 255
+            eight = levels.round()
+            if bool((levels - eight).abs().max() < 1e-3):
+                # 8-bit pixels in [0, 1] (eight_bit_float_pixels, for do_rescale=False): resampled as uint8, rounded
+                # and clipped as the same pixels given as uint8 are (transformers' PIL backend does the same)
+                resized = self.resize(eight.to(torch.uint8), size, resample, crop_pct=crop_pct, **kwargs)
+                return (resized.to(torch.float32) / 255).to(image.dtype)
         plain_resize = self._backend.resize
         if edge >= 384:
             return plain_resize(self, image, SizeDict(height=edge, width=edge), resample=resample, **kwargs)

@@ -25,7 +25,8 @@ official "pixel" mode, in the normalised space.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
@@ -227,17 +228,28 @@ def with_image_transform(
             f"label column {label_column!r} not in the dataset's columns {columns}; pass label_column=None"
         )
     dataset = _decode_later(dataset, image_column)
+    return dataset.with_transform(ImageTransform(transform, image_column, label_column, mixable, skip_corrupt_images))
 
-    def apply(batch: dict) -> dict:
-        images = [load_image(value, skip_corrupt_images) for value in batch[image_column]]
-        output = {"pixel_values": [None if image is None else transform(image) for image in images]}
-        if label_column is not None:
-            output["labels"] = batch[label_column]
-        if mixable:
+
+@dataclass
+class ImageTransform:
+    """What ``with_image_transform`` applies to each batch; a class, not a closure, so that the dataset pickles
+    (DataLoader workers started by "spawn", the default on macOS and Windows, get it pickled)."""
+
+    transform: Callable
+    image_column: str
+    label_column: str | None
+    mixable: bool
+    skip_corrupt_images: bool
+
+    def __call__(self, batch: dict) -> dict:
+        images = [load_image(value, self.skip_corrupt_images) for value in batch[self.image_column]]
+        output = {"pixel_values": [None if image is None else self.transform(image) for image in images]}
+        if self.label_column is not None:
+            output["labels"] = batch[self.label_column]
+        if self.mixable:
             output["mixable"] = [True] * len(output["pixel_values"])
         return output
-
-    return dataset.with_transform(apply)
 
 
 class ExampleIndexDataset(torch.utils.data.Dataset):
@@ -428,6 +440,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "SPLIT_FOLDER_NAMES",
     "ExampleIndexDataset",
+    "ImageTransform",
     "MixUpCutMixCollator",
     "ToRGB",
     "fcmae_evaluation_transform",

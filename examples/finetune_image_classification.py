@@ -26,13 +26,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from transformers import HfArgumentParser, Trainer, set_seed
 
 from convnextv2_hf import ConvNextV2Config, ConvNextV2ForImageClassification, ConvNextV2ImageProcessor
 from convnextv2_hf.configuration_convnextv2 import PRESETS
-from convnextv2_hf.metrics import load_top_k_accuracy
+from convnextv2_hf.metrics import top_k_compute_metrics
 from convnextv2_hf.recipes import (
     FINETUNE_HEAD_INIT_STD,
     FinetuneTrainingArguments,
@@ -246,12 +245,6 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
         cutmix_alpha=training_args.cutmix,
         label_smoothing=training_args.label_smoothing,
     )
-    metric = load_top_k_accuracy()
-
-    def compute_metrics(prediction) -> dict:
-        logits, references = prediction
-        return metric.compute(predictions=np.asarray(logits), references=np.asarray(references), k=5)
-
     callbacks = [StopOnNonFiniteCallback()] if training_args.stop_on_non_finite else []
     if training_args.ema_decay > 0:
         callbacks.append(EMACallback(training_args.ema_decay, allow_fresh_start=training_args.allow_fresh_optimizer))
@@ -262,7 +255,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
         eval_dataset=validation,
         data_collator=collator,
         processing_class=processor,
-        compute_metrics=compute_metrics,
+        compute_metrics=top_k_compute_metrics(k=5),
         optimizer_cls_and_kwargs=layer_decay_optimizer(
             model, training_args, training_args.layer_decay, training_args.layer_decay_type
         ),

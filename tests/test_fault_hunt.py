@@ -1286,6 +1286,19 @@ def _rgba_alike(ctx):
             expect_check(torch.equal(got, as_image), f"{backend} {type(array).__name__}: {difference}")
 
 
+@case("processor/float-arrays-are-their-8-bit-pixels")
+def _float_arrays_exact(ctx):
+    """Sharp RGBA noise as float32 in 0..255 and as [0, 1] with do_rescale=False: the pixels of the same values as
+    uint8, in both backends (resampled as floats they differed by 16 levels; float RGBA above 1 was refused)."""
+    rgba = np.random.RandomState(0).randint(0, 256, (40, 48, 4), dtype=np.uint8)
+    for backend in PROCESSORS:
+        as_uint8 = processed(rgba, backend)
+        for floats, settings in ((rgba.astype(np.float32), {}), (rgba / 255.0, {"do_rescale": False})):
+            got = processed(floats, backend, **settings)
+            difference = float((got - as_uint8).abs().max())
+            expect_check(difference < 1e-5, f"{backend} {settings}: {difference}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # conversion: hostile, truncated and bit-flipped files; dangerous output folders; bad command lines
 # ----------------------------------------------------------------------------------------------------------
@@ -2783,6 +2796,27 @@ def _bad_file_name(ctx):
     with open(os.fsencode(data / "a") + b"/\xff.png", "wb") as file:
         file.write((data / "a" / "0.png").read_bytes())
     _finetune_on(ctx, data)
+
+
+@case("training/top-k-metric-output-tuple-and-padded-labels")
+def _top_k_tuple(ctx):
+    """What a Trainer hands compute_metrics for a model that also returns hidden states: (logits, hidden states) and
+    labels padded with -100. The padded rows are left out, not counted wrong."""
+    from transformers import EvalPrediction
+
+    from convnextv2_hf.metrics import top_k_compute_metrics
+
+    logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]], np.float32)
+    prediction = EvalPrediction(predictions=(logits, np.zeros((3, 4, 2, 2))), label_ids=np.array([1, -100, 0]))
+    scores = top_k_compute_metrics(k=2)(prediction)
+    expect_check(scores == {"accuracy": 0.5, "top2_accuracy": 0.5}, f"{scores}")
+
+
+@case("training/top-k-metric-nan-scores", error=r"1 of 2 rows of scores hold NaN or infinite values")
+def _top_k_nan(ctx):
+    from convnextv2_hf.metrics import load_top_k_accuracy
+
+    load_top_k_accuracy().compute(predictions=[[np.nan, 0.0], [0.0, 1.0]], references=[0, 1], k=1)
 
 
 # ----------------------------------------------------------------------------------------------------------

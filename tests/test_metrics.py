@@ -60,6 +60,49 @@ def test_top_k_accuracy_in_a_trainer_compute_metrics(tmp_path):
     assert scores["eval_top2_accuracy"] == pytest.approx((top2 == data.labels[:, None]).any(1).float().mean().item())
 
 
+def test_top_k_accuracy_leaves_out_ignored_references_and_refuses_bad_k_and_nan_scores():
+    metric = load_top_k_accuracy()
+    scores = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.5, 0.4, 0.1]])
+    # -100 (the Trainer's label padding) is not a wrong answer: rows 1 and 3 are scored alone
+    assert metric.compute(predictions=scores, references=[-100, 2, -100, 1], k=2) == {
+        "accuracy": 0.0,
+        "top2_accuracy": 0.5,
+    }
+    assert metric.compute(predictions=[1, 0, 2, 2], references=[1, -100, 2, 0]) == {"accuracy": 2 / 3}
+    with pytest.raises(ValueError, match=r"every reference is below 0"):
+        metric.compute(predictions=scores[:2], references=[-100, -100], k=2)
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"k must be a whole number >= 1"):
+            metric.compute(predictions=scores, references=[1, 1, 0, 1], k=k)
+    nan_row = scores.copy()
+    nan_row[2] = np.nan  # argsort puts a NaN first: it would count as a hit in every top k
+    with pytest.raises(ValueError, match=r"1 of 4 rows of scores hold NaN or infinite values"):
+        metric.compute(predictions=nan_row, references=[1, 1, 0, 1], k=2)
+
+
+def test_top_k_compute_metrics_takes_output_tuples_tensors_and_padded_labels(tmp_path):
+    """A Trainer whose model also returns hidden states hands over (logits, hidden_states): evaluate cannot read the
+    tuple, top_k_compute_metrics takes the logits out of it. Labels of -100 are left out."""
+    from transformers import EvalPrediction, Trainer, TrainingArguments
+
+    from convnextv2_hf.metrics import top_k_compute_metrics
+
+    model, data = _toy_classifier(), LabelledImages(count=12, size=32, seed=0)
+    model.config.output_hidden_states = True
+    data.labels[[0, 5]] = -100
+    args = TrainingArguments(str(tmp_path), use_cpu=True, per_device_eval_batch_size=5, report_to="none")
+    scores = Trainer(model=model, args=args, eval_dataset=data, compute_metrics=top_k_compute_metrics(k=2)).evaluate()
+    with torch.no_grad():
+        logits = model(data.pixels).logits
+    kept = data.labels >= 0
+    top2, labels = logits[kept].topk(2, dim=1).indices, data.labels[kept]
+    assert scores["eval_accuracy"] == pytest.approx((top2[:, 0] == labels).float().mean().item())
+    assert scores["eval_top2_accuracy"] == pytest.approx((top2 == labels[:, None]).any(1).float().mean().item())
+    # torch tensors, bf16 logits included (numpy has no bfloat16)
+    tensors = EvalPrediction(predictions=(logits.bfloat16(), torch.zeros(12, 4)), label_ids=data.labels)
+    assert top_k_compute_metrics(k=2)(tensors)["top2_accuracy"] == pytest.approx(scores["eval_top2_accuracy"])
+
+
 @pytest.mark.slow
 def test_top_k_accuracy_with_evaluate_evaluator_on_a_local_pipeline(tmp_path):
     """A real evaluate.evaluator("image-classification") run, offline, on a tiny saved classifier: it passes the

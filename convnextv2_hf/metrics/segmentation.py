@@ -105,5 +105,6 @@ class MeanIoU:
 
 def _to_numpy(array) -> np.ndarray:
     if hasattr(array, "detach"):  # a torch tensor (batch_eval_metrics hands over tensors)
-        array = array.detach().cpu().numpy()
+        array = array.detach().cpu()
+        array = (array.float() if array.is_floating_point() else array).numpy()  # numpy has no bfloat16
     return np.asarray(array)

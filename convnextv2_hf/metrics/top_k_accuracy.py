@@ -7,6 +7,11 @@ Predictions come in either of two forms, and the metric reads each for what it i
 - (N,) class ids (what ``evaluate.evaluator("image-classification")`` passes: the pipeline's best label, mapped
   to an id): returns the exact ``accuracy`` (top-1) only, since ids say nothing about the other k - 1 guesses;
   asking for a ``k`` above 1 then is a ``ValueError`` saying so.
+
+References below 0 (the -100 a Trainer pads labels with, the usual ignore index) are left out of both scores.
+``k`` must be a positive whole number; scores that are NaN or infinite are a ``ValueError`` (a NaN sorts as the
+best guess, which would count as a hit). In a Trainer, ``convnextv2_hf.metrics.top_k_compute_metrics`` also
+takes the logits out of a tuple of model outputs, which ``evaluate`` cannot read.
 """
 
 import datasets
@@ -33,10 +38,17 @@ class TopKAccuracy(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, k: int | None = None):
+        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
+            raise ValueError(f"k must be a whole number >= 1, got {k!r}")
         labels = np.asarray(references)
+        predictions = np.asarray(predictions)
         if len(labels) == 0:
             raise ValueError("no predictions to score: the evaluation set is empty")
-        predictions = np.asarray(predictions)
+        if len(predictions) == len(labels):
+            scored = labels >= 0  # -100: the Trainer's padding, left out
+            labels, predictions = labels[scored], predictions[scored]
+            if len(labels) == 0:
+                raise ValueError("no predictions to score: every reference is below 0 (ignored, as -100 is)")
         if predictions.ndim == 1:  # class ids
             if k is not None and k > 1:
                 raise ValueError(
@@ -50,6 +62,9 @@ class TopKAccuracy(evaluate.Metric):
         scores = predictions.astype(np.float64)
         if scores.ndim != 2 or len(scores) != len(labels):
             raise ValueError(f"expected (N, num_labels) predictions for N={len(labels)} references, got {scores.shape}")
+        bad_rows = int((~np.isfinite(scores)).any(axis=1).sum())
+        if bad_rows:
+            raise ValueError(f"{bad_rows} of {len(scores)} rows of scores hold NaN or infinite values")
         ranked = np.argsort(-scores, axis=1, kind="stable")
         # with fewer than k classes every label is in the top k: the key keeps the k asked for
         in_top_k = (ranked[:, : min(k, scores.shape[1])] == labels[:, None]).any(axis=1)
