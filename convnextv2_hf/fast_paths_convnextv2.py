@@ -188,8 +188,8 @@ def square_sum_norm(positions: torch.Tensor) -> torch.Tensor:
     The sum accumulates in fp32 (fp64 for fp64) whatever the input dtype. A bf16 input is squared in bf16 where no
     graph is kept: each square is rounded once (at most 2^-9 relative; bf16 has fp32's range, so it cannot
     overflow), which keeps the norm within 2^-10 of the exact one, below the rounding of GRN's own bf16 output, and
-    saves the pass that widens the whole activation to fp32 (BENCHMARKS.md, "bf16 inference"). fp16 is widened
-    first: its squares overflow above 256.
+    saves the pass that widens the whole activation to fp32 (BENCHMARKS.md, "bf16 inference and training, fewer
+    fresh pages"). fp16 is widened first: its squares overflow above 256.
     """
     if positions.requires_grad:
         accumulate = accumulation_dtype(positions.dtype)
