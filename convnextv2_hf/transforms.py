@@ -305,14 +305,26 @@ def streaming_image_dataset(
         raise ValueError(f"image column {image_column!r} not in the streamed dataset's columns {columns}")
     source = _decode_later(source, image_column)
 
-    def apply(example: dict, index: int) -> dict:
-        image = load_image(example[image_column], skip_corrupt_images)
-        return {"pixel_values": None if image is None else transform(image), "index": index, **fields}
-
+    apply = StreamingImageTransform(transform, image_column, skip_corrupt_images, fields)
     stream = source.map(apply, with_indices=True, remove_columns=columns)
     if shuffle_seed is not None:
         stream = stream.shuffle(seed=shuffle_seed, buffer_size=shuffle_buffer_size)
     return stream
+
+
+@dataclass
+class StreamingImageTransform:
+    """What ``streaming_image_dataset`` maps over each streamed example; a class, not a closure, so that the stream
+    pickles (DataLoader workers started by "spawn", the default on macOS and Windows, get it pickled)."""
+
+    transform: Callable
+    image_column: str
+    skip_corrupt_images: bool
+    fields: dict
+
+    def __call__(self, example: dict, index: int) -> dict:
+        image = load_image(example[self.image_column], self.skip_corrupt_images)
+        return {"pixel_values": None if image is None else self.transform(image), "index": index, **self.fields}
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -442,6 +454,7 @@ __all__ = [
     "ExampleIndexDataset",
     "ImageTransform",
     "MixUpCutMixCollator",
+    "StreamingImageTransform",
     "ToRGB",
     "fcmae_evaluation_transform",
     "fcmae_pretraining_transform",

@@ -710,3 +710,33 @@ def test_float_arrays_give_the_pixels_of_their_8_bit_values(backend, channels, f
     got = PROCESSORS[backend](make(pixels), return_tensors="pt", **settings)["pixel_values"][0]
     assert got.shape == expected.shape == (3, SIZE, SIZE)
     assert (got.float() - expected).abs().max().item() <= 1e-5, (backend, channels, form)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Leftovers: spawned workers over a stream, a processor saved alone, untransformed image folders
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _small_image_folder(root: Path, count: int = 3) -> list[Path]:
+    folder = root / "train" / "a"
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(count):
+        values = (np.arange(HEIGHT * WIDTH * 3).reshape(HEIGHT, WIDTH, 3) * (i + 3)) % 251
+        paths.append(folder / f"{i}.png")
+        PIL.Image.fromarray(values.astype(np.uint8)).save(paths[-1])
+    return paths
+
+
+def test_a_streamed_dataset_reaches_spawned_dataloader_workers(tmp_path):
+    """streaming_image_dataset pickles (no closure): a "spawn" DataLoader worker (macOS/Windows default) reads the
+    streamed image folder and gives, file for file, the pixels the processor gives for the same file."""
+    paths = _small_image_folder(tmp_path)
+    stream = image_folder_dataset(tmp_path, streaming=True)["train"]
+    train = streaming_image_dataset(stream, finetune_evaluation, image_column="image")
+    loader = torch.utils.data.DataLoader(train, batch_size=3, num_workers=1, multiprocessing_context="spawn")
+    batches = list(loader)
+    assert len(batches) == 1 and batches[0]["index"].tolist() == [0, 1, 2]
+    expected = torch.stack([processed("torchvision", str(path)) for path in paths])
+    assert batches[0]["pixel_values"].shape == (3, 3, SIZE, SIZE)
+    assert (batches[0]["pixel_values"] - expected).abs().max().item() == 0
