@@ -428,16 +428,24 @@ def image_folder_dataset(
     at least two; ``False`` always does, so a folder holding a single class (an evaluation set of one class) keeps
     its ``label_column``; ``True`` never does.
 
+    Without a transform (or streamed) the images are decoded by the column's feature, ``BoundedImage``
+    (``convnextv2_hf.bounded_image_feature``): bounded by the pixel limit like every other way in (an image over it
+    is a ``ValueError`` naming the file and the limit), EXIF orientation applied, mode kept.
+
     Returns a ``DatasetDict``. Checked first (``check_image_folder``), ``ValueError`` naming the problem: the folder
     does not exist or is a file, holds no images, a file name that is not valid UTF-8, or (unless
     ``drop_labels=True``) a class folder without images, which would silently drop its class.
     """
     from datasets import load_dataset
 
+    from .bounded_image_feature import bounded_images
+
     root = Path(data_dir)
     check_image_folder(root, labelled=drop_labels is not True)
     splits = load_dataset("imagefolder", data_dir=str(root), streaming=streaming, drop_labels=drop_labels)
     if transform is None or streaming:
+        for name in list(splits):  # no transform decodes them here: the image feature does, bounded
+            splits[name] = bounded_images(splits[name], image_column)
         return splits
     for name in list(splits):
         has_labels = label_column in splits[name].column_names

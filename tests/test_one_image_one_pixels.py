@@ -740,3 +740,25 @@ def test_a_streamed_dataset_reaches_spawned_dataloader_workers(tmp_path):
     expected = torch.stack([processed("torchvision", str(path)) for path in paths])
     assert batches[0]["pixel_values"].shape == (3, 3, SIZE, SIZE)
     assert (batches[0]["pixel_values"] - expected).abs().max().item() == 0
+
+
+def test_an_image_folder_without_a_transform_holds_the_limit(tmp_path, restore_limits):
+    """image_folder_dataset(root) with no transform yields images decoded within the pixel limit, streamed or not:
+    a 56 x 40 image over a lowered limit of 2,000 is a ValueError naming the file and the limit; under the limit
+    it is the file's picture (the pixels the processor gives for the path)."""
+    (path,) = _small_image_folder(tmp_path, count=1)
+    splits = image_folder_dataset(tmp_path)
+    stream = image_folder_dataset(tmp_path, streaming=True)["train"]
+    image_loading.set_max_image_pixels(2000)
+    refused = f"'{path}' is 56 x 40 = 2,240 pixels, over the limit of 2,000 pixels .*CONVNEXTV2_MAX_IMAGE_PIXELS"
+    with pytest.raises(ValueError, match=refused):
+        splits["train"][0]
+    with pytest.raises(ValueError, match=refused):
+        next(iter(splits["train"].shuffle(seed=0)))
+    with pytest.raises(ValueError, match=refused):
+        next(iter(stream))
+    image_loading.set_max_image_pixels(2240)
+    image = splits["train"][0]["image"]
+    assert image.size == (WIDTH, HEIGHT) and image.mode == "RGB"
+    assert (processed("pil", image) - processed("pil", str(path))).abs().max().item() == 0
+    assert next(iter(stream))["image"].size == (WIDTH, HEIGHT)
