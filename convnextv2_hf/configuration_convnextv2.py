@@ -54,6 +54,7 @@ FAST_PATH_NAMES = (
     "fused_gelu_grn_linear",  # GELU, GRN and pwconv2 as one autograd function keeping only pwconv1's output
     "sparse_depthwise_conv",  # sparse FCMAE depthwise conv keeping the gathered input for its backward
     "sparse_downsample_matmul",  # sparse FCMAE 2x2 stride-2 downsampling as one matmul on gathered windows
+    "dense_depthwise_conv",  # the block's depthwise conv in training, its weight and bias gradients taken in fp32
 )
 
 _BUILT = "_convnextv2_built"  # in a config's __dict__ once __post_init__ has checked the whole structure

@@ -11,6 +11,8 @@ or names exactly the ones to use. The paths, by name (``FAST_PATH_NAMES`` in the
 - ``square_sum_norm``: GRN's L2 norm over positions as a square-and-sum, in chunks at inference (CPU).
 - ``fused_gelu_grn_linear``: in training, GELU, GRN and pwconv2 as one autograd function that keeps only
   pwconv1's output for the backward (GELU's and GRN's outputs are recomputed there).
+- ``dense_depthwise_conv``: in training on full maps (the classifier, the dense FCMAE recipe), the depthwise conv
+  as an autograd function whose backward takes the weight and bias gradients in fp32 the fast way on CPU.
 - ``sparse_depthwise_conv``: in sparse FCMAE training, the depthwise conv keeps the gathered visible input for its
   backward instead of the zero-filled full-resolution map.
 - ``sparse_downsample_matmul``: in the sparse FCMAE encoder, the 2x2 stride-2 downsampling conv of gathered windows
@@ -87,6 +89,9 @@ class SparseMaskInterface(Protocol):
 #   18-21% at inference, the fused training function 25% of an autocast step (and half its memory), the sparse
 #   downsample matmul 7% of an FCMAE step; none is slower by more than the noise (1-2%). An earlier ablation on an
 #   AVX2 EPYC that emulates bf16, on a busy machine, had dropped in-place GELU and the square-sum norm.
+#   The dense depthwise conv (2026-12-03, same CPU, quiet, V2-T batch 8, interleaved with it off): a training step
+#   1.08x under bf16 autocast, 1.14x with bf16 weights, 1.02x in fp32 (BENCHMARKS.md, "the depthwise conv's
+#   backward").
 # - cpu fp16: every path, as before (its ablation has not been run to the end).
 # - cuda and anything else: none until measured on that device and dtype. The GRN fold turns one GEMM into a
 #   batched matmul with per-sample weights, which a GPU may run slower than a plain GEMM in bf16; the square-sum norm
@@ -237,9 +242,7 @@ def _sqrt_zero_gradient_at_zero(sum_of_squares: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def gelu_grn_linear(
-    layer: BlockInterface, features: torch.Tensor, visible: torch.Tensor | None
-) -> torch.Tensor | None:
+def gelu_grn_linear(layer: BlockInterface, features: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor | None:
     """``layer.pwconv2(layer.grn(layer.act(features), visible))`` by whichever fast paths may run here, or ``None``
     when none may (the caller then runs the reference)."""
     setting = layer.fast_paths
@@ -325,9 +328,7 @@ def differentiable_backward(ctx, recompute, inputs: tuple, grad_output: torch.Te
     device_type, enabled, dtype = ctx.autocast
     with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
         output = recompute(*inputs)
-    grads = torch.autograd.grad(
-        output, [inputs[i] for i in wanted], grad_output, create_graph=True, allow_unused=True
-    )
+    grads = torch.autograd.grad(output, [inputs[i] for i in wanted], grad_output, create_graph=True, allow_unused=True)
     result: list[torch.Tensor | None] = [None] * len(inputs)
     for i, grad in zip(wanted, grads, strict=True):
         result[i] = grad
@@ -404,6 +405,110 @@ class GeluGrnLinear(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# dense_depthwise_conv (and the gradients both depthwise paths share)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    """A depthwise conv whose output has its input's size (stride 1, no dilation, an odd kernel padded by half on
+    each side: the block's 7x7 conv), what the depthwise paths' backwards are written for."""
+    return (
+        conv.groups == conv.in_channels == conv.out_channels
+        and tuple(conv.stride) == (1, 1)
+        and tuple(conv.dilation) == (1, 1)
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)
+        and all(size == 2 * pad + 1 for size, pad in zip(conv.kernel_size, conv.padding, strict=True))
+    )
+
+
+def depthwise_conv_grads(
+    grad: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d, needs: tuple[bool, bool, bool]
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(input, weight, bias) gradients of a depthwise conv (``is_depthwise``) whose ``inputs``, ``weight`` and
+    ``grad`` (N, C, H, W) are in the compute dtype: the input gradient in that dtype, the weight gradient by
+    ``depthwise_weight_grad`` and the bias gradient as a chunked sum over positions (``position_sum``), both
+    accumulated in fp32 (fp64 for fp64). The conv backward's own bias gradient took 1-2 ms a block on CPU, where
+    the sum takes a tenth of that."""
+    needs_input, needs_weight, needs_bias = needs
+    grad_input = grad_weight = grad_bias = None
+    if needs_input:
+        grad_input = convolution_backward(grad, inputs, weight, conv, [True, False])[0]
+    if needs_weight:
+        grad_weight = depthwise_weight_grad(grad, inputs, conv)
+    if needs_bias:
+        per_sample = position_sum(grad.permute(0, 2, 3, 1).reshape(grad.shape[0], -1, grad.shape[1]))
+        grad_bias = per_sample.sum(dim=0)
+    return grad_input, grad_weight, grad_bias
+
+
+def depthwise_weight_grad(grad: torch.Tensor, inputs: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """The weight gradient of the depthwise conv ``conv`` (``is_depthwise``) from its output gradient and input
+    (N, C, H, W), computed in fp32 (fp64 for fp64) whatever their dtype.
+
+    Half-precision maps are widened first: oneDNN's bf16 weight gradient of a depthwise conv was 1.4-2x slower than
+    its fp32 one on an AVX512-BF16 EPYC (BENCHMARKS.md, "the depthwise conv's backward"). Where a map is no larger
+    than the kernel (the last stage at 224 px: 7x7 maps, a 7x7 kernel), it is one grouped conv of the padded input
+    with the gradient as the kernel (per channel, the correlation summed over samples), 2x faster there than the
+    conv backward."""
+    accumulate = accumulation_dtype(grad.dtype)
+    grad, inputs = grad.to(accumulate), inputs.to(accumulate)
+    batch, channels, height, width = grad.shape
+    kernel_height, kernel_width = conv.kernel_size
+    if height * width <= kernel_height * kernel_width:
+        stacked = inputs.transpose(0, 1).reshape(1, channels * batch, height, width)  # (1, C * N, H, W)
+        kernels = grad.transpose(0, 1).reshape(channels, batch, height, width)  # C kernels of N channels
+        return F.conv2d(stacked, kernels, padding=conv.padding, groups=channels).view(conv.weight.shape)
+    return convolution_backward(grad, inputs, conv.weight.to(accumulate), conv, [False, True])[1]
+
+
+def _dense_depthwise_conv(hidden_states, weight, bias, conv: nn.Conv2d) -> torch.Tensor:
+    return F.conv2d(hidden_states, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class DenseDepthwiseConv(torch.autograd.Function):
+    """``conv(x)`` for training (the block's depthwise conv) with the backward of ``depthwise_conv_grads``. Its
+    inputs are already in the compute dtype (``dense_depthwise_conv`` casts them, as autocast would, with autograd
+    recording the casts); it keeps what autograd through the conv keeps: the input and the weight."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, weight, bias, conv: nn.Conv2d):
+        ctx.conv = conv
+        ctx.autocast = autocast_state(hidden_states.device.type)
+        ctx.save_for_backward(hidden_states, weight, bias)
+        return _dense_depthwise_conv(hidden_states, weight, bias, conv)
+
+    @staticmethod
+    def backward(ctx, grad):
+        conv = ctx.conv
+        if torch.is_grad_enabled():  # create_graph=True: the backward itself must be differentiable
+
+            def recompute(hidden_states, weight, bias):
+                return _dense_depthwise_conv(hidden_states, weight, bias, conv)
+
+            return differentiable_backward(ctx, recompute, ctx.saved_tensors, grad) + (None,)
+        hidden_states, weight, bias = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:2]) + (bias is not None and ctx.needs_input_grad[2],)
+        grad_input, grad_weight, grad_bias = depthwise_conv_grads(
+            grad.to(hidden_states.dtype), hidden_states, weight, conv, needs
+        )
+        # autograd rounds the fp32 sums to the inputs' dtype (bf16 under autocast, as the conv's own backward does)
+        return grad_input, grad_weight, grad_bias, None
+
+
+def dense_depthwise_conv(conv: nn.Conv2d, hidden_states: torch.Tensor, setting) -> torch.Tensor | None:
+    """The block's depthwise conv on a full map by ``DenseDepthwiseConv`` where it may run (training), else ``None``
+    (the caller runs the module)."""
+    if not (torch.is_grad_enabled() and (hidden_states.requires_grad or conv.weight.requires_grad)):
+        return None
+    if not (is_depthwise(conv) and fast_path_allowed("dense_depthwise_conv", setting, hidden_states, conv)):
+        return None
+    dtype = compute_dtype(hidden_states)  # autocast's cast of the conv's inputs, made here so autograd records it
+    bias = None if conv.bias is None else conv.bias.to(dtype)
+    return DenseDepthwiseConv.apply(hidden_states.to(dtype), conv.weight.to(dtype), bias, conv)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # sparse_depthwise_conv
 # ----------------------------------------------------------------------------------------------------------
 
@@ -441,16 +546,16 @@ class SparseDepthwiseConv(torch.autograd.Function):
         hidden_states, weight, _ = ctx.saved_tensors
         mask, conv, dtype = ctx.mask, ctx.conv, ctx.compute_dtype
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_input, grad_weight = convolution_backward(
-            mask.to_dense(grad.to(dtype)),
-            mask.to_dense(hidden_states.to(dtype)),
-            weight.to(dtype),
-            conv,
-            [needs_input, needs_weight],
-        )
-        if grad_input is not None:
+        grad_input = grad_weight = None
+        if needs_input:  # the transposed conv: the conv backward's input gradient, without the input map
+            dense_grad = mask.to_dense(grad.to(dtype))
+            grad_input = F.conv_transpose2d(dense_grad, weight.to(dtype), padding=conv.padding, groups=conv.groups)
             grad_input = mask.gather(grad_input.permute(0, 2, 3, 1)).to(hidden_states.dtype)
-        if grad_weight is not None:
+        if needs_weight:
+            wide = accumulation_dtype(dtype)  # the weight gradient is taken in fp32 (depthwise_weight_grad)
+            grad_weight = depthwise_weight_grad(
+                mask.to_dense(grad.to(wide)), mask.to_dense(hidden_states.to(wide)), conv
+            )
             grad_weight = grad_weight.to(weight.dtype)
         grad_bias = None
         if needs_bias:
@@ -463,7 +568,11 @@ def sparse_depthwise_conv(
     mask: SparseMaskInterface, conv: nn.Conv2d, hidden_states: torch.Tensor, setting
 ) -> torch.Tensor | None:
     """The sparse stage's depthwise conv by ``SparseDepthwiseConv`` where it may run (training), else ``None``."""
-    if hidden_states.requires_grad and fast_path_allowed("sparse_depthwise_conv", setting, hidden_states, conv):
+    if (
+        hidden_states.requires_grad
+        and is_depthwise(conv)
+        and fast_path_allowed("sparse_depthwise_conv", setting, hidden_states, conv)
+    ):
         return SparseDepthwiseConv.apply(hidden_states, conv.weight, conv.bias, mask, conv)
     return None
 
@@ -484,6 +593,7 @@ def downsample_as_matmul(windows: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor
 
 __all__ = [
     "BlockInterface",
+    "dense_depthwise_conv",
     "DEVICE_DEFAULTS",
     "GRNInterface",
     "SparseMaskInterface",

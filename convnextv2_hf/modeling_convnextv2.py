@@ -40,7 +40,12 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .compat_convnextv2 import functorch_transforms_active
 from .configuration_convnextv2 import MAX_BLOCKS, MAX_PARAMETERS, ConvNextV2Config, check_local_path
-from .fast_paths_convnextv2 import gelu_grn_linear, sparse_depthwise_conv, sparse_downsample_matmul
+from .fast_paths_convnextv2 import (
+    dense_depthwise_conv,
+    gelu_grn_linear,
+    sparse_depthwise_conv,
+    sparse_downsample_matmul,
+)
 
 GRN_EPS = 1e-6
 BLOCK_NORM_EPS = 1e-6
@@ -412,7 +417,9 @@ class DenseStageMask:
 
     def depthwise_conv(self, conv: nn.Conv2d, hidden_states: torch.Tensor, fast_paths) -> torch.Tensor:
         visible = self._visible(hidden_states)
-        return (conv(hidden_states * visible) * visible).permute(0, 2, 3, 1)
+        masked = hidden_states * visible
+        fast = dense_depthwise_conv(conv, masked, fast_paths)  # the same numbers, in training
+        return ((conv(masked) if fast is None else fast) * visible).permute(0, 2, 3, 1)
 
     def grn_visible(self, features: torch.Tensor) -> torch.Tensor:
         return self._visible(features).permute(0, 2, 3, 1)
@@ -633,7 +640,8 @@ class ConvNextV2Layer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, stage_mask: StageMask | None = None) -> torch.Tensor:
         if stage_mask is None:
-            features = self.dwconv(hidden_states).permute(0, 2, 3, 1)  # (N, H, W, C)
+            fast = dense_depthwise_conv(self.dwconv, hidden_states, self.fast_paths)  # the same numbers, in training
+            features = (self.dwconv(hidden_states) if fast is None else fast).permute(0, 2, 3, 1)  # (N, H, W, C)
             visible = None
         else:
             features = stage_mask.depthwise_conv(self.dwconv, hidden_states, self.fast_paths)
@@ -932,9 +940,7 @@ def check_classification_labels(labels: torch.Tensor, logits: torch.Tensor, conf
             raise ValueError("soft labels must be finite and non-negative (a probability distribution per row)")
         sums = labels.sum(dim=-1, dtype=torch.float64)
         if not bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3)):
-            raise ValueError(
-                f"soft labels must sum to 1 in every row (within 1e-3), got row sums {sums.tolist()[:8]}"
-            )
+            raise ValueError(f"soft labels must sum to 1 in every row (within 1e-3), got row sums {sums.tolist()[:8]}")
         return
     if labels.dtype == torch.bool or labels.is_complex():
         raise ValueError(f"class-index labels must be an integer tensor, got dtype {labels.dtype}")
@@ -993,9 +999,7 @@ def image_classification_loss(
     if problem_type == "regression" or (problem_type is None and config.num_labels == 1):
         loss = F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float(), reduction=reduction)
     elif problem_type == "multi_label_classification":
-        loss = F.binary_cross_entropy_with_logits(
-            logits.float(), labels.to(logits.dtype).float(), reduction=reduction
-        )
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels.to(logits.dtype).float(), reduction=reduction)
     elif labels.is_floating_point():
         per_example = torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1)
         loss = per_example.mean() if num_items_in_batch is None else per_example.sum() * labels.shape[-1]

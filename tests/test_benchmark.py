@@ -208,3 +208,26 @@ def test_each_runtime_is_timed_in_a_round_robin_of_its_own_after_the_torch_cases
     assert "infer ours bf16-weights eager" in names and all(
         row["anchor"] == "infer builtin eager" for row in bench.rows if kind(row["name"]) != "torch"
     )
+
+
+def test_the_flop_count_is_the_models_products_and_a_training_step_three_forwards():
+    # the shares of the peak rest on this count: every conv and linear of the built-in model, depthwise convs by
+    # their groups, counted by hand for a small config at 64 px; a training step is three forwards (torch's flop
+    # counter counts a depthwise conv's weight gradient as a dense one's, C times too much)
+    from transformers.models import convnextv2 as builtin
+
+    config = builtin.ConvNextV2Config(depths=[2, 1, 2, 1], hidden_sizes=[8, 16, 24, 32], num_labels=5)
+    model = builtin.ConvNextV2ForImageClassification(config)
+    size, widths = 64, config.hidden_sizes
+    side = size // 4
+    macs = side * side * widths[0] * 3 * 16  # the 4x4 stride-4 stem
+    for stage, (depth, width) in enumerate(zip(config.depths, widths, strict=True)):
+        if stage:
+            side //= 2
+            macs += side * side * width * widths[stage - 1] * 4  # 2x2 stride-2 downsampling
+        macs += depth * side * side * (width * 49 + 2 * width * 4 * width)  # depthwise 7x7, pwconv1, pwconv2
+    macs += widths[-1] * config.num_labels
+    benchmark = load_benchmark_module()
+    pixels, labels = torch.randn(2, 3, size, size), torch.tensor([0, 1])
+    assert benchmark.model_gflop(model, pixels) == pytest.approx(2 * macs / 1e9, rel=1e-9)
+    assert benchmark.model_gflop(model, pixels, labels) == pytest.approx(3 * 2 * macs / 1e9, rel=1e-9)

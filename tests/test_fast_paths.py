@@ -42,6 +42,7 @@ def count_calls(monkeypatch):
     wrap("downsample_as_matmul")
     wrap("GeluGrnLinear.apply", fast.GeluGrnLinear, "apply")
     wrap("SparseDepthwiseConv.apply", fast.SparseDepthwiseConv, "apply")
+    wrap("DenseDepthwiseConv.apply", fast.DenseDepthwiseConv, "apply")
     wrap("differentiable_backward")
     monkeypatch.setattr(torch.ops.aten, "gelu_", _counting(torch.ops.aten.gelu_, counts, "gelu_"), raising=False)
     return counts
@@ -63,6 +64,7 @@ EVIDENCE = {
     "fused_gelu_grn_linear": "GeluGrnLinear.apply",
     "sparse_depthwise_conv": "SparseDepthwiseConv.apply",
     "sparse_downsample_matmul": "downsample_as_matmul",
+    "dense_depthwise_conv": "DenseDepthwiseConv.apply",
 }
 FCMAE_ONLY = {"sparse_depthwise_conv", "sparse_downsample_matmul"}  # paths of the sparse FCMAE encoder
 
@@ -105,6 +107,29 @@ def test_each_fast_path_alone_gives_the_reference_outputs_and_gradients(name, de
             assert count_calls.get(evidence, 0) == 0, f"{other} ran though only {name} was on"
 
 
+def test_the_dense_fcmae_recipe_runs_the_dense_depthwise_conv_with_the_reference_gradients(device, count_calls):
+    # the paper's masked dense recipe zeroes masked positions around every depthwise conv: the path runs on the
+    # masked map, and the loss and every gradient match fast_paths=False (fp32, 1e-5 of the largest)
+    torch.manual_seed(0)
+    reference = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fast_paths=False, fcmae_impl="dense")))
+    model = ConvNextV2ForMaskedImageModeling(tiny_config(fast_paths=["dense_depthwise_conv"], fcmae_impl="dense"))
+    reference, model = reference.to(device).train(), model.to(device).train()
+    model.load_state_dict(reference.state_dict())
+    inputs = {"pixel_values": torch.randn(3, 3, 96, 64, device=device), "noise": torch.rand(3, 6, device=device)}
+    expected, got = reference(**inputs), model(**inputs)
+    assert abs(got.loss.item() - expected.loss.item()) <= 1e-5 * max(1.0, abs(expected.loss.item()))
+    expected.loss.backward(), got.loss.backward()
+    config = tiny_config()  # every encoder block and the decoder's block
+    assert count_calls.get("DenseDepthwiseConv.apply", 0) == sum(config.depths) + config.decoder_depth
+    expected_grads = dict(reference.named_parameters())
+    for name, parameter in model.named_parameters():
+        want = expected_grads[name].grad
+        if want is None:
+            assert parameter.grad is None, name
+            continue
+        assert max_diff(parameter.grad, want) <= 1e-5 * max(1.0, want.abs().max().item()), name
+
+
 def test_fast_paths_false_runs_none_and_true_runs_the_device_defaults(device, count_calls):
     model = ConvNextV2ForImageClassification(tiny_config(fast_paths=False)).to(device).eval()
     with torch.no_grad():
@@ -114,7 +139,7 @@ def test_fast_paths_false_runs_none_and_true_runs_the_device_defaults(device, co
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64, device=device))
     ran = {name for name, evidence in EVIDENCE.items() if count_calls.get(evidence)}
-    not_in_classifier_inference = {"fused_gelu_grn_linear"} | FCMAE_ONLY
+    not_in_classifier_inference = {"fused_gelu_grn_linear", "dense_depthwise_conv"} | FCMAE_ONLY
     expected = set(fast.DEVICE_DEFAULTS.get((device.type, torch.float32), frozenset())) - not_in_classifier_inference
     assert ran == expected
 
@@ -286,9 +311,13 @@ def test_gelu_grn_linear_function_equals_autograd_through_the_modules_in_fp64(
 ):
     # the training function keeps only h and writes GRN's backward out by hand: fp64 makes any slip visible
     torch.manual_seed(0)
-    modules = torch.nn.ModuleDict(
-        {"grn": randomize_(ConvNextV2GRN(shape[-1]), scale=0.5), "linear": torch.nn.Linear(shape[-1], 4)}
-    ).double().to(device)
+    modules = (
+        torch.nn.ModuleDict(
+            {"grn": randomize_(ConvNextV2GRN(shape[-1]), scale=0.5), "linear": torch.nn.Linear(shape[-1], 4)}
+        )
+        .double()
+        .to(device)
+    )
     for name in frozen:
         modules.get_parameter(name).requires_grad_(False)
     grn, linear = modules["grn"], modules["linear"]
@@ -394,8 +423,8 @@ def test_gradients_of_gradients_equal_the_reference_with_the_training_paths_on(a
     assert count_calls == {}
     got_first, got_second = _penalty_gradients(model, inputs, create_graph=True)
     assert count_calls.get("GeluGrnLinear.apply", 0) > 0
-    if architecture == "sparse_fcmae":
-        assert count_calls.get("SparseDepthwiseConv.apply", 0) > 0
+    depthwise = "SparseDepthwiseConv.apply" if architecture == "sparse_fcmae" else "DenseDepthwiseConv.apply"
+    assert count_calls.get(depthwise, 0) > 0
     assert count_calls.get("differentiable_backward", 0) > 0  # the graph of the backward came from the recomputation
     _assert_same_gradients(got_first, expected_first, 1e-10, "first-order gradient")
     _assert_same_gradients(got_second, expected_second, 1e-10, "gradient-penalty gradient")

@@ -111,6 +111,39 @@ def test_gelu_grn_linear_in_half_precision_matches_fp64(dtype, fast_paths):
         assert max_relative_error(grad, expected_grad) < 4 * tolerance, (name, max_relative_error(grad, expected_grad))
 
 
+@pytest.mark.parametrize("how", ["weights", "autocast"])
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+def test_depthwise_conv_gradients_in_half_precision_accumulate_in_fp32(dtype, how):
+    # the block's 7x7 depthwise conv in training by the dense_depthwise_conv path, on (2, 16, 56, 56) maps of ~1e3
+    # (channels_last, as the residual stream is) and at the last stage's size (7x7 maps: the grouped-conv weight
+    # gradient), weights in half precision or fp32 under half autocast. The weight and bias gradients sum over 6272
+    # positions in fp32 and are rounded once to the dtype, so they are within a few roundings of fp64; the input
+    # gradient sums 49 taps, as the conv backward does. Upstream gradients of ~1e-3 keep the sums in fp16's range.
+    for side in (56, 7):
+        torch.manual_seed(0)
+        conv = randomize_(torch.nn.Conv2d(16, 16, 7, padding=3, groups=16), scale=0.5)
+        if how == "weights":
+            conv = conv.to(dtype)
+        reference = torch.nn.Conv2d(16, 16, 7, padding=3, groups=16).double()
+        reference.load_state_dict({k: v.to(dtype).double() for k, v in conv.state_dict().items()})
+        values = trained_magnitude((2, side, side, 16), dtype).permute(0, 3, 1, 2)
+        inputs = values.to(conv.weight.dtype).requires_grad_(True)
+        with torch.autocast("cpu", dtype=dtype, enabled=how == "autocast"):
+            got = fast.dense_depthwise_conv(conv, inputs, ["dense_depthwise_conv"])
+        assert got is not None and got.dtype == dtype
+        generator = torch.Generator().manual_seed(1)
+        weights = 1e-3 * torch.randn(got.shape, generator=generator, dtype=torch.float64)
+        grads = torch.autograd.grad((got * weights.to(dtype)).sum(), [inputs, conv.weight, conv.bias])
+        reference_inputs = values.double().requires_grad_(True)
+        expected = reference(reference_inputs)
+        expected_grads = torch.autograd.grad((expected * weights).sum(), [reference_inputs, *reference.parameters()])
+        assert max_relative_error(got, expected) < 8 * ROUNDING[dtype]
+        for name, grad, expected_grad in zip(["input", "weight", "bias"], grads, expected_grads, strict=True):
+            assert grad.dtype == conv.weight.dtype and torch.isfinite(grad).all(), name
+            error = max_relative_error(grad, expected_grad)
+            assert error < (8 if name == "input" else 2) * ROUNDING[dtype], (side, name, error)
+
+
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
 def test_layernorm_in_half_precision_matches_fp64(dtype, data_format):
@@ -168,4 +201,3 @@ def test_a_bf16_classifier_agrees_with_fp32_on_real_photos(photos, how, fast_pat
     print(f"{how} fast_paths={fast_paths}: largest logit error {error:.4f} of {scale:.3f}, margin {margin:.3f}")
     assert 0 < error < 0.03 * scale  # 0 would mean bf16 never ran
     assert (logits.float().argmax(-1) == expected.argmax(-1)).all()
-
