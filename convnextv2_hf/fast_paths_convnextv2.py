@@ -501,6 +501,8 @@ def dense_depthwise_conv(conv: nn.Conv2d, hidden_states: torch.Tensor, setting) 
     (the caller runs the module)."""
     if not (torch.is_grad_enabled() and (hidden_states.requires_grad or conv.weight.requires_grad)):
         return None
+    if hidden_states.numel() == 0:  # an empty batch: the module's own (empty) result
+        return None
     if not (is_depthwise(conv) and fast_path_allowed("dense_depthwise_conv", setting, hidden_states, conv)):
         return None
     dtype = compute_dtype(hidden_states)  # autocast's cast of the conv's inputs, made here so autograd records it
@@ -570,6 +572,7 @@ def sparse_depthwise_conv(
     """The sparse stage's depthwise conv by ``SparseDepthwiseConv`` where it may run (training), else ``None``."""
     if (
         hidden_states.requires_grad
+        and hidden_states.numel() > 0
         and is_depthwise(conv)
         and fast_path_allowed("sparse_depthwise_conv", setting, hidden_states, conv)
     ):
