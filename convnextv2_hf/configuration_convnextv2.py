@@ -55,6 +55,7 @@ FAST_PATH_NAMES = (
     "sparse_depthwise_conv",  # sparse FCMAE depthwise conv keeping the gathered input for its backward
     "sparse_downsample_matmul",  # sparse FCMAE 2x2 stride-2 downsampling as one matmul on gathered windows
     "dense_depthwise_conv",  # the block's depthwise conv in training, its weight and bias gradients taken in fp32
+    "chunked_mlp",  # at inference, a block's pwconv1 -> GELU -> GRN -> pwconv2 a few samples at a time (large maps)
 )
 
 _BUILT = "_convnextv2_built"  # in a config's __dict__ once __post_init__ has checked the whole structure

@@ -11,6 +11,8 @@ or names exactly the ones to use. The paths, by name (``FAST_PATH_NAMES`` in the
 - ``square_sum_norm``: GRN's L2 norm over positions as a square-and-sum, in chunks at inference (CPU).
 - ``fused_gelu_grn_linear``: in training, GELU, GRN and pwconv2 as one autograd function that keeps only
   pwconv1's output for the backward (GELU's and GRN's outputs are recomputed there).
+- ``chunked_mlp``: at inference on large maps, a block's pwconv1 -> GELU -> GRN -> pwconv2 a few samples at a
+  time, so the widest activation is never allocated whole (fresh pages are page-faulted in at 4 KB a time).
 - ``dense_depthwise_conv``: in training on full maps (the classifier, the dense FCMAE recipe), the depthwise conv
   as an autograd function whose backward takes the weight and bias gradients in fp32 the fast way on CPU.
 - ``sparse_depthwise_conv``: in sparse FCMAE training, the depthwise conv keeps the gathered visible input for its
@@ -64,6 +66,7 @@ class BlockInterface(Protocol):
 
     fast_paths: bool | list[str]  # config.fast_paths
     hidden_act: str  # the activation's name ("gelu": exact GELU, which the fused paths implement)
+    layernorm: nn.Module  # per position, over channels (channels last)
     pwconv1: nn.Linear
     act: nn.Module
     grn: GRNInterface
@@ -92,7 +95,12 @@ class SparseMaskInterface(Protocol):
 #   The dense depthwise conv (2026-12-03, same CPU, quiet, V2-T batch 8, interleaved with it off): a training step
 #   1.08x under bf16 autocast, 1.14x with bf16 weights, 1.02x in fp32 (BENCHMARKS.md, "the depthwise conv's
 #   backward").
-# - cpu fp16: every path, as before (its ablation has not been run to the end).
+#   The MLP in chunks of samples at inference is not on in bf16: in separate processes (the allocator's state is
+#   the process's) it gained nothing measurable, 0.9-1.1x either way, because the page faults it removes move to
+#   other allocations (BENCHMARKS.md, "fewer fresh pages at inference").
+# - cpu fp32 and the MLP in chunks: 1.06-1.21x at batch 8, 224 px (three pairs of processes, faults 150-200 MB a
+#   forward down to 0-70 MB).
+# - cpu fp16: every path but the MLP in chunks, as before (its ablation has not been run to the end).
 # - cuda and anything else: none until measured on that device and dtype. The GRN fold turns one GEMM into a
 #   batched matmul with per-sample weights, which a GPU may run slower than a plain GEMM in bf16; the square-sum norm
 #   only beats torch's reduction on CPU; in-place GELU saves allocations that a caching allocator makes cheap anyway.
@@ -101,8 +109,8 @@ class SparseMaskInterface(Protocol):
 # A (device, dtype) not listed (fp64 anywhere, an unknown device) runs none: the reference math.
 DEVICE_DEFAULTS: dict[tuple[str, torch.dtype], frozenset[str]] = {
     ("cpu", torch.float32): frozenset(FAST_PATH_NAMES),
-    ("cpu", torch.bfloat16): frozenset(FAST_PATH_NAMES),
-    ("cpu", torch.float16): frozenset(FAST_PATH_NAMES),
+    ("cpu", torch.bfloat16): frozenset(FAST_PATH_NAMES) - {"chunked_mlp"},
+    ("cpu", torch.float16): frozenset(FAST_PATH_NAMES) - {"chunked_mlp"},
     ("cuda", torch.float32): frozenset(),
     ("cuda", torch.bfloat16): frozenset(),
     ("cuda", torch.float16): frozenset(),
@@ -207,24 +215,35 @@ def position_sum(first: torch.Tensor, second: torch.Tensor | None = None, widen:
     fp64), a few samples at a time, for tensors no graph is kept of. ``widen``: multiply in the accumulation dtype
     (fp16 products overflow above 65504), else in the inputs' dtype, rounded once.
 
-    In one piece, ``sum(dtype=fp32)`` of a half-precision activation first writes a widened copy of all of it (and the
-    product before that): at 224 px those are 20-40 MB fresh allocations, each page-faulted in, which cost a bf16
-    training step more than its matrix products. In chunks of about 1M elements the temporaries are reused; the
-    numbers are the same sums.
+    ``sum(dtype=fp32)`` of a half-precision tensor first writes a widened copy of all of it (and the product before
+    that). In one piece, at 224 px, those are 20-40 MB fresh allocations, each page-faulted in, which cost a bf16
+    training step more than its matrix products; in chunks, each chunk's copy is a fresh allocation still (0.7 ms of
+    page faults for a 5 MB one, 4x the sum itself). So each chunk of about 1M elements is written, widened, into one
+    scratch buffer that every chunk reuses, and summed from there: the numbers are the same sums.
     """
     accumulate = accumulation_dtype(first.dtype)
-    samples = max(1, (1 << 20) // max(first[0].numel(), 1)) if first.shape[0] else 1
-
-    def chunk_sum(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if widen:
-            a = a.to(accumulate)
-            b = None if b is None else b.to(accumulate)
-        return (a if b is None else a * b).sum(dim=1, dtype=accumulate)
-
-    if first.shape[0] <= samples:
-        return chunk_sum(first, second)
-    seconds = [None] * len(range(0, first.shape[0], samples)) if second is None else second.split(samples)
-    return torch.cat([chunk_sum(a, b) for a, b in zip(first.split(samples), seconds, strict=True)])
+    batch = first.shape[0]
+    if batch == 0 or first.numel() == 0:
+        return first.new_zeros((batch, first.shape[-1]), dtype=accumulate)
+    samples = max(1, min(batch, (1 << 20) // max(first[0].numel(), 1)))
+    result = first.new_empty((batch, first.shape[-1]), dtype=accumulate)
+    scratch = first.new_empty((samples, *first.shape[1:]), dtype=accumulate)
+    # the product in the inputs' dtype, rounded once, has a scratch of its own (a mul with a wider out= would
+    # allocate a temporary for it anyway)
+    narrow = first.new_empty(scratch.shape) if second is not None and not widen and accumulate != first.dtype else None
+    for start in range(0, batch, samples):
+        a = first[start : start + samples]
+        chunk = scratch[: a.shape[0]]
+        if second is None:
+            chunk.copy_(a)
+        elif widen:  # the product in the accumulation dtype: in place on the widened copy of ``a``
+            chunk.copy_(a).mul_(second[start : start + samples])
+        elif narrow is None:  # already the accumulation dtype
+            torch.mul(a, second[start : start + samples], out=chunk)
+        else:
+            chunk.copy_(torch.mul(a, second[start : start + samples], out=narrow[: a.shape[0]]))
+        torch.sum(chunk, dim=1, out=result[start : start + samples])
+    return result
 
 
 def _sqrt_zero_gradient_at_zero(sum_of_squares: torch.Tensor) -> torch.Tensor:
@@ -268,6 +287,45 @@ def gelu_grn_linear(layer: BlockInterface, features: torch.Tensor, visible: torc
     if fold:
         return grn_into_linear(layer.grn, activated, layer.pwconv2, visible, norm)
     return layer.pwconv2(layer.grn(activated, visible, norm=norm))
+
+
+# the hidden activation (pwconv1's output) of a batch above which inference runs the block's MLP in chunks of samples,
+# and the size of a chunk, in elements (measured on CPU: BENCHMARKS.md, "fewer fresh pages at inference")
+MLP_CHUNK_FROM = 1 << 23
+MLP_CHUNK_ELEMENTS = 1 << 21
+
+
+def mlp_in_chunks(layer: BlockInterface, features: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor | None:
+    """``pwconv2(grn(act(pwconv1(layernorm(features))), visible))`` at inference, a few samples at a time (each
+    through ``gelu_grn_linear``'s paths), or ``None`` where the path may not run. Every step is per sample (GRN's
+    statistics are a sample's own; the rest is per position), so the numbers are the same.
+
+    The hidden activation is the widest tensor of the network (at 224 px, batch 8, stage 1: 19 MB in bf16, 39 MB in
+    fp32). Allocated whole, it is a fresh mapping each block, page-faulted in at 4 KB a time (150-200 MB of faults
+    per fp32 forward); a chunk's is a few MB that the allocator hands back for the next chunk."""
+    if features.requires_grad or visible is not None and visible.requires_grad:
+        return None
+    batch, linear = features.shape[0], layer.pwconv1
+    hidden = features.numel() // max(features.shape[-1], 1) * linear.out_features  # pwconv1's output, in elements
+    if batch < 2 or hidden < MLP_CHUNK_FROM:
+        return None
+    layers = (layer.layernorm, linear, layer.act, layer.grn, layer.pwconv2)
+    if not fast_path_allowed("chunked_mlp", layer.fast_paths, features, *layers):
+        return None
+    return run_mlp_in_chunks(layer, features, visible, max(1, MLP_CHUNK_ELEMENTS // (hidden // batch)))
+
+
+def run_mlp_in_chunks(
+    layer: BlockInterface, features: torch.Tensor, visible: torch.Tensor | None, samples: int
+) -> torch.Tensor:
+    outputs = []
+    for start in range(0, features.shape[0], samples):
+        hidden = layer.pwconv1(layer.layernorm(features[start : start + samples]))
+        part = None if visible is None else visible[start : start + samples]
+        fast = gelu_grn_linear(layer, hidden, part)
+        outputs.append(layer.pwconv2(layer.grn(layer.act(hidden), part)) if fast is None else fast)
+        del hidden
+    return torch.cat(outputs)
 
 
 def grn_norm(

@@ -43,6 +43,7 @@ from .configuration_convnextv2 import MAX_BLOCKS, MAX_PARAMETERS, ConvNextV2Conf
 from .fast_paths_convnextv2 import (
     dense_depthwise_conv,
     gelu_grn_linear,
+    mlp_in_chunks,
     sparse_depthwise_conv,
     sparse_downsample_matmul,
 )
@@ -339,6 +340,8 @@ class ConvNextV2LayerNorm(nn.LayerNorm):
     Gathered (N, V, C) positions have their channels last whatever the data format, so they are normalised over the
     last axis in both formats.
     """
+
+    fast_path_fusable = True  # per position: the MLP-in-chunks path may run it on a few samples at a time
 
     def __init__(self, normalized_shape: int, *, eps: float = BLOCK_NORM_EPS, data_format: str = "channels_last"):
         super().__init__(normalized_shape, eps=eps)
@@ -646,10 +649,12 @@ class ConvNextV2Layer(GradientCheckpointingLayer):
         else:
             features = stage_mask.depthwise_conv(self.dwconv, hidden_states, self.fast_paths)
             visible = stage_mask.grn_visible(features)
-        features = self.pwconv1(self.layernorm(features))
-        fast = gelu_grn_linear(self, features, visible)  # the same numbers, where a fast path may run
-        features = self.pwconv2(self.grn(self.act(features), visible)) if fast is None else fast
-        features = self.drop_path(features)
+        fast = mlp_in_chunks(self, features, visible)  # the same numbers, a few samples at a time (inference)
+        if fast is None:
+            features = self.pwconv1(self.layernorm(features))
+            fast = gelu_grn_linear(self, features, visible)  # the same numbers, where a fast path may run
+            fast = self.pwconv2(self.grn(self.act(features), visible)) if fast is None else fast
+        features = self.drop_path(fast)
         features = features.permute(0, 3, 1, 2) if stage_mask is None else stage_mask.to_residual(features)
         return hidden_states + features
 
