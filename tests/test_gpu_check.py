@@ -193,6 +193,8 @@ def test_the_ablation_switches_a_path_on_where_it_helps_and_hurts_nowhere():
         "fused_gelu_grn_linear": "on: less memory at the same speed",
         "sparse_depthwise_conv": "not measured",
         "sparse_downsample_matmul": "not measured",
+        "dense_depthwise_conv": "not measured",
+        "chunked_mlp": "not measured",
     }
     assert ablation["suggested_defaults"] == ["grn_fold", "fused_gelu_grn_linear"]
     assert ablation["paths"]["fused_gelu_grn_linear"]["effects"]["train memory"] == pytest.approx(1 / 1.5)
@@ -223,3 +225,12 @@ def test_the_per_dtype_suggestion_keeps_a_path_only_where_every_precision_of_the
     assert list(ablation["precisions"]) == ["bf16-autocast", "bf16", "fp32"]  # fp16 not measured: no entry
     assert ablation["precisions"]["bf16-autocast"]["suggested_defaults"] == ["grn_fold", "square_sum_norm"]
     assert ablation["suggested_by_dtype"] == {"bfloat16": ["grn_fold"], "float32": []}
+
+
+def test_the_ablation_knows_every_fast_path_and_where_it_runs():
+    # a path added to the configuration is ablated on a GPU too, in the groups where it runs
+    from convnextv2_hf.configuration_convnextv2 import FAST_PATH_NAMES
+
+    assert sorted(gpu_check.FAST_PATHS) == sorted(FAST_PATH_NAMES)
+    assert set(gpu_check.ABLATION_GROUPS) == set(FAST_PATH_NAMES)
+    assert all(set(groups) <= {"infer", "train", "fcmae"} and groups for groups in gpu_check.ABLATION_GROUPS.values())
