@@ -140,6 +140,22 @@ def test_the_dense_fcmae_recipe_runs_the_dense_depthwise_conv_with_the_reference
         assert max_diff(parameter.grad, want) <= 1e-5 * max(1.0, want.abs().max().item()), name
 
 
+def test_the_mlp_in_chunks_keeps_each_samples_visible_positions(device, count_calls, small_mlp_chunks):
+    # the dense FCMAE recipe at inference: GRN's statistics over each sample's visible positions, chunk by chunk;
+    # the reconstruction (logits) and the loss match fast_paths=False (fp32, 1e-5 of the largest)
+    torch.manual_seed(0)
+    reference = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fast_paths=False, fcmae_impl="dense")))
+    model = ConvNextV2ForMaskedImageModeling(tiny_config(fast_paths=["chunked_mlp"], fcmae_impl="dense"))
+    reference, model = reference.to(device).eval(), model.to(device).eval()
+    model.load_state_dict(reference.state_dict())
+    inputs = {"pixel_values": torch.randn(3, 3, 96, 64, device=device), "noise": torch.rand(3, 6, device=device)}
+    with torch.no_grad():
+        expected, got = reference(**inputs), model(**inputs)
+    assert count_calls.get("run_mlp_in_chunks", 0) > 0
+    assert max_diff(got.logits, expected.logits) <= 1e-5 * max(1.0, expected.logits.abs().max().item())
+    assert abs(got.loss.item() - expected.loss.item()) <= 1e-5 * max(1.0, abs(expected.loss.item()))
+
+
 def test_fast_paths_false_runs_none_and_true_runs_the_device_defaults(device, count_calls):
     model = ConvNextV2ForImageClassification(tiny_config(fast_paths=False)).to(device).eval()
     with torch.no_grad():
