@@ -104,51 +104,53 @@ def test_each_fast_path_alone_gives_the_reference_outputs_and_gradients(name, de
         assert max_diff(got.logits, expected.logits) <= 1e-5 * max(1.0, expected.logits.abs().max().item()), mode
         if mode == "train":
             expected.loss.backward(), got.loss.backward()
-            expected_grads = dict(reference.named_parameters())
-            for parameter_name, parameter in model.named_parameters():
-                if parameter.grad is None:
-                    assert expected_grads[parameter_name].grad is None, parameter_name
-                    continue
-                want = expected_grads[parameter_name].grad
-                assert max_diff(parameter.grad, want) <= 1e-5 * max(1.0, want.abs().max().item()), parameter_name
+            assert_same_parameter_grads(model, reference)
     assert count_calls.get(EVIDENCE[name], 0) > 0, f"{name} never ran: {count_calls}"
     for other, evidence in EVIDENCE.items():
         if other != name and evidence != EVIDENCE[name]:
             assert count_calls.get(evidence, 0) == 0, f"{other} ran though only {name} was on"
 
 
-def test_the_dense_fcmae_recipe_runs_the_dense_depthwise_conv_with_the_reference_gradients(device, count_calls):
-    # the paper's masked dense recipe zeroes masked positions around every depthwise conv: the path runs on the
-    # masked map, and the loss and every gradient match fast_paths=False (fp32, 1e-5 of the largest)
-    torch.manual_seed(0)
-    reference = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fast_paths=False, fcmae_impl="dense")))
-    model = ConvNextV2ForMaskedImageModeling(tiny_config(fast_paths=["dense_depthwise_conv"], fcmae_impl="dense"))
-    reference, model = reference.to(device).train(), model.to(device).train()
-    model.load_state_dict(reference.state_dict())
-    inputs = {"pixel_values": torch.randn(3, 3, 96, 64, device=device), "noise": torch.rand(3, 6, device=device)}
-    expected, got = reference(**inputs), model(**inputs)
-    assert abs(got.loss.item() - expected.loss.item()) <= 1e-5 * max(1.0, abs(expected.loss.item()))
-    expected.loss.backward(), got.loss.backward()
-    config = tiny_config()  # every encoder block and the decoder's block
-    assert count_calls.get("DenseDepthwiseConv.apply", 0) == sum(config.depths) + config.decoder_depth
+def assert_same_parameter_grads(model, reference, tolerance: float = 1e-5):
+    """Every parameter gradient of ``model`` equals ``reference``'s to ``tolerance`` of the largest (or both None)."""
     expected_grads = dict(reference.named_parameters())
     for name, parameter in model.named_parameters():
         want = expected_grads[name].grad
         if want is None:
             assert parameter.grad is None, name
             continue
-        assert max_diff(parameter.grad, want) <= 1e-5 * max(1.0, want.abs().max().item()), name
+        assert max_diff(parameter.grad, want) <= tolerance * max(1.0, want.abs().max().item()), name
+
+
+def _dense_fcmae_pair(fast_paths: list[str], device):
+    """(reference with fast_paths=False, model with ``fast_paths``) of the dense FCMAE recipe, the same perturbed
+    weights, and an input batch with its noise."""
+    torch.manual_seed(0)
+    reference = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fast_paths=False, fcmae_impl="dense")))
+    model = ConvNextV2ForMaskedImageModeling(tiny_config(fast_paths=fast_paths, fcmae_impl="dense"))
+    model.load_state_dict(reference.state_dict())
+    inputs = {"pixel_values": torch.randn(3, 3, 96, 64, device=device), "noise": torch.rand(3, 6, device=device)}
+    return reference.to(device), model.to(device), inputs
+
+
+def test_the_dense_fcmae_recipe_runs_the_dense_depthwise_conv_with_the_reference_gradients(device, count_calls):
+    # the paper's masked dense recipe zeroes masked positions around every depthwise conv: the path runs on the
+    # masked map, and the loss and every gradient match fast_paths=False (fp32, 1e-5 of the largest)
+    reference, model, inputs = _dense_fcmae_pair(["dense_depthwise_conv"], device)
+    reference.train(), model.train()
+    expected, got = reference(**inputs), model(**inputs)
+    assert abs(got.loss.item() - expected.loss.item()) <= 1e-5 * max(1.0, abs(expected.loss.item()))
+    expected.loss.backward(), got.loss.backward()
+    config = tiny_config()  # every encoder block and the decoder's block
+    assert count_calls.get("DenseDepthwiseConv.apply", 0) == sum(config.depths) + config.decoder_depth
+    assert_same_parameter_grads(model, reference)
 
 
 def test_the_mlp_in_chunks_keeps_each_samples_visible_positions(device, count_calls, small_mlp_chunks):
     # the dense FCMAE recipe at inference: GRN's statistics over each sample's visible positions, chunk by chunk;
     # the reconstruction (logits) and the loss match fast_paths=False (fp32, 1e-5 of the largest)
-    torch.manual_seed(0)
-    reference = randomize_(ConvNextV2ForMaskedImageModeling(tiny_config(fast_paths=False, fcmae_impl="dense")))
-    model = ConvNextV2ForMaskedImageModeling(tiny_config(fast_paths=["chunked_mlp"], fcmae_impl="dense"))
-    reference, model = reference.to(device).eval(), model.to(device).eval()
-    model.load_state_dict(reference.state_dict())
-    inputs = {"pixel_values": torch.randn(3, 3, 96, 64, device=device), "noise": torch.rand(3, 6, device=device)}
+    reference, model, inputs = _dense_fcmae_pair(["chunked_mlp"], device)
+    reference.eval(), model.eval()
     with torch.no_grad():
         expected, got = reference(**inputs), model(**inputs)
     assert count_calls.get("run_mlp_in_chunks", 0) > 0
