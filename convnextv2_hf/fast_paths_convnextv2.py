@@ -607,16 +607,13 @@ class SparseDepthwiseConv(torch.autograd.Function):
         mask, conv, dtype = ctx.mask, ctx.conv, ctx.compute_dtype
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_input = grad_weight = None
+        dense_grad = mask.to_dense(grad.to(dtype)) if needs_input or needs_weight else None
         if needs_input:  # the transposed conv: the conv backward's input gradient, without the input map
-            dense_grad = mask.to_dense(grad.to(dtype))
             grad_input = F.conv_transpose2d(dense_grad, weight.to(dtype), padding=conv.padding, groups=conv.groups)
             grad_input = mask.gather(grad_input.permute(0, 2, 3, 1)).to(hidden_states.dtype)
-        if needs_weight:
-            wide = accumulation_dtype(dtype)  # the weight gradient is taken in fp32 (depthwise_weight_grad)
-            grad_weight = depthwise_weight_grad(
-                mask.to_dense(grad.to(wide)), mask.to_dense(hidden_states.to(wide)), conv
-            )
-            grad_weight = grad_weight.to(weight.dtype)
+        if needs_weight:  # from the input the forward convolved (in the compute dtype), widened to fp32 there
+            dense_input = mask.to_dense(hidden_states.to(dtype))
+            grad_weight = depthwise_weight_grad(dense_grad, dense_input, conv).to(weight.dtype)
         grad_bias = None
         if needs_bias:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(dim=0, dtype=accumulation_dtype(grad.dtype))
