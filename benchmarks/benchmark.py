@@ -421,10 +421,10 @@ def run_inference(bench: Bench) -> None:
         anchor = f"infer builtin {mode}"
         extra = {"precision": low, "gflop": gflop}
         for name, model in (("builtin", reference), ("ours", ours)):
-            if "weights" in args.low_precision and not compiled:
+            if "weights" in args.low_precision and (name == "ours" or not compiled):
                 cases.append(
-                    (f"infer {name} {low}-weights {mode}", args.batch, low_weights_step(model, pixels, low_dtype),
-                     anchor, extra)
+                    (f"infer {name} {low}-weights {mode}", args.batch,
+                     low_weights_step(model, pixels, low_dtype, compiled), anchor, extra)
                 )  # fmt: skip
             if "autocast" in args.low_precision and args.dtype == "fp32" and (name == "ours" or not compiled):
                 model = compile_frozen(model.eval()) if compiled else model.eval()
@@ -432,8 +432,9 @@ def run_inference(bench: Bench) -> None:
                     (f"infer {name} {low}-autocast {mode}", args.batch, autocast_step(model, pixels, bench, low_dtype),
                      anchor, extra)
                 )  # fmt: skip
-        if compiled and f"infer ours {low}-autocast compile" in {case[0] for case in cases}:
-            bench.comparisons.append((f"infer ours {low}-autocast compile", "infer openvino default eager"))
+        for case in (f"infer ours {low}-autocast compile", f"infer ours {low}-weights compile"):
+            if compiled and case in {case[0] for case in cases}:
+                bench.comparisons.append((case, "infer openvino default eager"))
         bench.measure(cases)
         if not compiled:
             # each runtime in a round-robin of its own, after the torch cases and against their built-in anchor: a
@@ -454,10 +455,13 @@ def run_inference(bench: Bench) -> None:
         bench.save()
 
 
-def low_weights_step(model: torch.nn.Module, pixels: torch.Tensor, dtype: torch.dtype) -> Callable[[], None]:
+def low_weights_step(
+    model: torch.nn.Module, pixels: torch.Tensor, dtype: torch.dtype, compiled: bool = False
+) -> Callable[[], None]:
     """Inference of a copy of ``model`` with its weights in ``dtype`` (as ``from_pretrained(..., dtype=dtype)``
-    loads it) on the pixels in ``dtype``."""
+    loads it) on the pixels in ``dtype``; ``compiled``: compiled with freezing (``compile_frozen``)."""
     model = copy.deepcopy(model).to(dtype).eval()
+    model = compile_frozen(model) if compiled else model
     inputs = pixels.to(dtype)
 
     def step():

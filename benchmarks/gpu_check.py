@@ -53,7 +53,7 @@ TEST_FILES = ["tests/test_fast_paths.py", "tests/test_modeling_convnextv2.py", "
 INSTALLED_ENV = ROOT / "build" / "gpu-check-venv"
 FAST_PATHS = [
     "grn_fold", "inplace_gelu", "square_sum_norm", "fused_gelu_grn_linear", "sparse_depthwise_conv",
-    "sparse_downsample_matmul", "dense_depthwise_conv", "chunked_mlp",
+    "sparse_downsample_matmul", "dense_depthwise_conv", "chunked_mlp", "onednn_linear",
 ]  # fmt: skip
 
 # (budget seconds per phase, cumulative): on an H100 the tests take about a minute, the eager benchmark about two,
@@ -104,6 +104,7 @@ ABLATION_GROUPS = {
     "sparse_downsample_matmul": ["fcmae"],
     "dense_depthwise_conv": ["train"],
     "chunked_mlp": ["infer"],
+    "onednn_linear": ["infer"],
 }
 NOISE = 0.03  # speed changes within 3% are read as none
 MEMORY_GAIN = 0.9  # a path that keeps the step at <= 90% of the memory without it is worth it at equal speed

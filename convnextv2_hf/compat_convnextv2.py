@@ -88,6 +88,31 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(check()) for check in checks if check is not None)
 
 
+def onednn_linear(
+    inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool
+) -> torch.Tensor | None:
+    """``F.linear(inputs, weight, bias)``, then exact GELU where ``gelu``, as one oneDNN matmul on CPU with the bias
+    and GELU as post-ops of the product, so the output is written once (the op Inductor's CPU backend lowers a
+    linear to, called eagerly). ``None`` where it cannot run: not on CPU, oneDNN absent or switched off
+    (``torch.backends.mkldnn``), dtypes that differ or are not fp32 or bf16 (bf16 only on a CPU with native bf16),
+    or the op gone. Inference only: the op has no backward."""
+    if inputs.device.type != "cpu" or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return None
+    dtype = inputs.dtype
+    if dtype not in (torch.float32, torch.bfloat16) or weight.dtype != dtype or weight.ndim != 2:
+        return None
+    if (bias is not None and bias.dtype != dtype) or (dtype == torch.bfloat16 and not cpu_has_native_bf16()):
+        return None
+    if inputs.ndim < 2 or getattr(torch.ops.mkldnn, "_linear_pointwise", None) is None:
+        return None
+    return _linear_pointwise(inputs, weight, bias, gelu)
+
+
+def _linear_pointwise(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool):
+    attribute, algorithm = ("gelu", "none") if gelu else ("none", "")  # exact (erf) GELU; no post-op
+    return torch.ops.mkldnn._linear_pointwise(inputs, weight.contiguous(), bias, attribute, [], algorithm)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # transformers
 # ----------------------------------------------------------------------------------------------------------
@@ -187,6 +212,26 @@ def _check_cpu_queries() -> str | None:
     return f"{', '.join(missing)} gone" if missing else None
 
 
+def _check_onednn_linear() -> str | None:
+    if not torch.backends.mkldnn.is_available():
+        return None  # a torch built without oneDNN: the path never runs, nothing has changed
+    if getattr(torch.ops.mkldnn, "_linear_pointwise", None) is None:
+        return "is gone"
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(2, 3, 5, 8, generator=generator).permute(0, 2, 3, 1)  # channels last, not contiguous
+    weight, bias = torch.randn(6, 3, generator=generator), torch.randn(6, generator=generator)
+    try:  # the op itself, whether or not oneDNN is switched on in this process
+        fused = _linear_pointwise(inputs, weight, bias, gelu=True)
+        plain = _linear_pointwise(inputs, weight, None, gelu=False)
+    except (TypeError, RuntimeError) as error:
+        return f"cannot be called as (input, weight, bias, attr, scalars, algorithm): {error}"
+    if not torch.allclose(fused, F.gelu(F.linear(inputs, weight, bias)), atol=1e-5):
+        return "gives other numbers than F.gelu(F.linear(...)) with the 'gelu' post-op"
+    if not torch.allclose(plain, F.linear(inputs, weight), atol=1e-5):
+        return "gives other numbers than F.linear(...) without a post-op"
+    return None
+
+
 def _check_dict_from_json_file() -> str | None:
     from transformers import PreTrainedConfig
 
@@ -275,6 +320,12 @@ INTERNALS: tuple[Internal, ...] = (
         _check_cpu_queries,
     ),
     Internal(
+        "torch.ops.mkldnn._linear_pointwise (Inductor's oneDNN linear with post-ops)",
+        "at inference on CPU, pwconv1, its bias and GELU in one matmul, and pwconv2 with its bias (fast path "
+        "onednn_linear)",
+        _check_onednn_linear,
+    ),
+    Internal(
         "transformers.PreTrainedConfig._dict_from_json_file (overridden hook)",
         "a config file that is not a JSON object is a ValueError naming the file",
         _check_dict_from_json_file,
@@ -319,6 +370,7 @@ __all__ = [
     "functorch_transforms_active",
     "has_forward_hooks",
     "internal_problems",
+    "onednn_linear",
     "prefer_pil_backend",
     "register_image_processor_classes",
     "replace_pipeline_class",

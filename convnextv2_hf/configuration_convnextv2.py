@@ -56,6 +56,7 @@ FAST_PATH_NAMES = (
     "sparse_downsample_matmul",  # sparse FCMAE 2x2 stride-2 downsampling as one matmul on gathered windows
     "dense_depthwise_conv",  # the block's depthwise conv in training, its weight and bias gradients taken in fp32
     "chunked_mlp",  # at inference, a block's pwconv1 -> GELU -> GRN -> pwconv2 a few samples at a time (large maps)
+    "onednn_linear",  # at inference on CPU, pwconv1 + bias + GELU as one oneDNN matmul, pwconv2 + bias as another
 )
 
 _BUILT = "_convnextv2_built"  # in a config's __dict__ once __post_init__ has checked the whole structure

@@ -13,6 +13,11 @@ or names exactly the ones to use. The paths, by name (``FAST_PATH_NAMES`` in the
   pwconv1's output for the backward (GELU's and GRN's outputs are recomputed there).
 - ``chunked_mlp``: at inference on large maps, a block's pwconv1 -> GELU -> GRN -> pwconv2 a few samples at a
   time, so the widest activation is never allocated whole (fresh pages are page-faulted in at 4 KB a time).
+- ``onednn_linear``: at inference on CPU, pwconv1 with its bias and GELU as one oneDNN matmul (bias and GELU are
+  post-ops of the product, so pwconv1's output is written once, already activated), and pwconv2 with its bias as
+  another where GRN is not folded into it. torch's own linear first writes the bias over the whole output and then
+  accumulates the product onto it, and GELU is another pass; in fp32 it runs on MKL, which is half as fast as oneDNN
+  on the AMD CPUs measured here.
 - ``dense_depthwise_conv``: in training on full maps (the classifier, the dense FCMAE recipe), the depthwise conv
   as an autograd function whose backward takes the weight and bias gradients in fp32 the fast way on CPU.
 - ``sparse_depthwise_conv``: in sparse FCMAE training, the depthwise conv keeps the gathered visible input for its
@@ -37,7 +42,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import GELUActivation
 
-from .compat_convnextv2 import convolution_backward, cpu_has_native_bf16, functorch_transforms_active, has_forward_hooks
+from .compat_convnextv2 import (
+    convolution_backward,
+    cpu_has_native_bf16,
+    functorch_transforms_active,
+    has_forward_hooks,
+    onednn_linear,
+)
 from .configuration_convnextv2 import FAST_PATH_NAMES
 
 GRN_EPS = 1e-6
@@ -85,8 +96,9 @@ class SparseMaskInterface(Protocol):
 
 # Which paths ``fast_paths=True`` runs, per (device type, compute dtype); the compute dtype is autocast's where
 # autocast is on for the device, else the activation's (``compute_dtype``). Each choice is the measured one:
-# - cpu fp32: all of them (BENCHMARKS.md, ablation on this project's 2-core EPYC: eager inference 1.6x with all,
-#   each path worth 9-13%; the fused training function saves 37% of a training step's memory at no cost in speed).
+# - cpu fp32: all of them but the GRN fold (see onednn_linear below) (BENCHMARKS.md, ablation on this project's
+#   2-core EPYC: eager inference 1.6x with all, each path worth 9-13%; the fused training function saves 37% of a
+#   training step's memory at no cost in speed).
 # - cpu bf16: all of them, from the ablation in bf16 weights and under bf16 autocast on a quiet AVX512-BF16 EPYC
 #   (native bf16, matmul peak 4.3x fp32; BENCHMARKS.md, "Fast paths per dtype"): the square-sum norm is worth
 #   18-21% at inference, the fused training function 25% of an autocast step (and half its memory), the sparse
@@ -100,6 +112,10 @@ class SparseMaskInterface(Protocol):
 #   other allocations (BENCHMARKS.md, "fewer fresh pages at inference").
 # - cpu fp32 and the MLP in chunks: 1.06-1.21x at batch 8, 224 px (three pairs of processes, faults 150-200 MB a
 #   forward down to 0-70 MB).
+# - onednn_linear (2026-12-03, the AVX512-BF16 EPYC, V2-T batch 8, 224 px, interleaved in one process): fp32
+#   inference 1.50x (17.7 -> 26.3-27.0 img/s: torch's fp32 linear runs on MKL, oneDNN's is twice as fast on this
+#   CPU); bf16 weights and autocast 1.02-1.03x. With it, folding GRN into pwconv2 costs fp32 8% (the fold's
+#   batched matmul stays on MKL): fp32 drops grn_fold, bf16 keeps it (without it 0.94x).
 # - cpu fp16: every path but the MLP in chunks, as before (its ablation has not been run to the end).
 # - cuda and anything else: none until measured on that device and dtype. The GRN fold turns one GEMM into a
 #   batched matmul with per-sample weights, which a GPU may run slower than a plain GEMM in bf16; the square-sum norm
@@ -108,7 +124,7 @@ class SparseMaskInterface(Protocol):
 #   numbers suggest; set the rows here from that table and record it in BENCHMARKS.md ("GPU check").
 # A (device, dtype) not listed (fp64 anywhere, an unknown device) runs none: the reference math.
 DEVICE_DEFAULTS: dict[tuple[str, torch.dtype], frozenset[str]] = {
-    ("cpu", torch.float32): frozenset(FAST_PATH_NAMES),
+    ("cpu", torch.float32): frozenset(FAST_PATH_NAMES) - {"grn_fold"},
     ("cpu", torch.bfloat16): frozenset(FAST_PATH_NAMES) - {"chunked_mlp"},
     ("cpu", torch.float16): frozenset(FAST_PATH_NAMES) - {"chunked_mlp"},
     ("cuda", torch.float32): frozenset(),
@@ -261,9 +277,37 @@ def _sqrt_zero_gradient_at_zero(sum_of_squares: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def gelu_grn_linear(layer: BlockInterface, features: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor | None:
+# the fast paths a block's LayerNorm -> pwconv2 may take (block_mlp): where none of them is on, the caller runs the
+# reference
+MLP_PATHS = ("grn_fold", "inplace_gelu", "square_sum_norm", "fused_gelu_grn_linear", "chunked_mlp", "onednn_linear")
+
+
+def block_mlp(layer: BlockInterface, features: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor | None:
+    """``layer.pwconv2(layer.grn(layer.act(layer.pwconv1(layer.layernorm(features))), visible))`` with each step by
+    a fast path where one may run and by its layer where none may, or ``None`` where no path of the MLP is on for
+    ``features`` at all (the caller then runs the reference)."""
+    if not any(fast_path_allowed(name, layer.fast_paths, features) for name in MLP_PATHS):
+        return None
+    chunked = mlp_in_chunks(layer, features, visible)
+    return _mlp(layer, features, visible) if chunked is None else chunked
+
+
+def _mlp(layer: BlockInterface, features: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    normed = layer.layernorm(features)
+    activated = linear_gelu(layer, normed)
+    if activated is not None:
+        return gelu_grn_linear(layer, activated, visible, activated=True)
+    hidden = layer.pwconv1(normed)
+    fast = gelu_grn_linear(layer, hidden, visible)
+    return layer.pwconv2(layer.grn(layer.act(hidden), visible)) if fast is None else fast
+
+
+def gelu_grn_linear(
+    layer: BlockInterface, features: torch.Tensor, visible: torch.Tensor | None, activated: bool = False
+) -> torch.Tensor | None:
     """``layer.pwconv2(layer.grn(layer.act(features), visible))`` by whichever fast paths may run here, or ``None``
-    when none may (the caller then runs the reference)."""
+    when none may (the caller then runs the reference). ``activated``: ``features`` already are ``layer.act``'s
+    output (``linear_gelu`` ran); the result is then never ``None``."""
     setting = layer.fast_paths
     # each path is asked for by name, so each is chosen per device (DEVICE_DEFAULTS): on CPU all of them by default,
     # on CUDA none until the GPU ablation shows which ones pay there
@@ -271,7 +315,7 @@ def gelu_grn_linear(layer: BlockInterface, features: torch.Tensor, visible: torc
     grn, linear = layer.grn, layer.pwconv2
     fold = fast_path_allowed("grn_fold", setting, features, grn, linear) and folds(features, linear)
     square_sum = fast_path_allowed("square_sum_norm", setting, features, grn)
-    if features.requires_grad:
+    if features.requires_grad and not activated:
         if exact_gelu and fast_path_allowed("fused_gelu_grn_linear", setting, features, layer.act, grn, linear):
             return GeluGrnLinear.apply(
                 features, grn.weight, grn.bias, linear.weight, linear.bias, grn, linear, visible, fold, square_sum
@@ -279,14 +323,42 @@ def gelu_grn_linear(layer: BlockInterface, features: torch.Tensor, visible: torc
         inplace = False
     else:
         inplace = exact_gelu and fast_path_allowed("inplace_gelu", setting, features, layer.pwconv1, layer.act)
-    if not (fold or square_sum or inplace):
+    onednn = onednn_allowed(layer, linear, features)
+    if not (fold or square_sum or inplace or onednn or activated):
         return None
     # in place only where no autograd graph needs GELU's input, and pwconv1 has no hook that may have kept it
-    activated = torch.ops.aten.gelu_(features) if inplace else layer.act(features)
-    norm = grn_norm(layer.grn, activated, visible, square_sum)
+    if not activated:
+        features = torch.ops.aten.gelu_(features) if inplace else layer.act(features)
+    norm = grn_norm(layer.grn, features, visible, square_sum)
     if fold:
-        return grn_into_linear(layer.grn, activated, layer.pwconv2, visible, norm)
-    return layer.pwconv2(layer.grn(activated, visible, norm=norm))
+        return grn_into_linear(layer.grn, features, layer.pwconv2, visible, norm)
+    grn_output = layer.grn(features, visible, norm=norm)
+    fast = linear_by_onednn(linear, grn_output, gelu=False) if onednn else None
+    return linear(grn_output) if fast is None else fast
+
+
+def onednn_allowed(layer: BlockInterface, linear: nn.Linear, tensor: torch.Tensor, *others: nn.Module) -> bool:
+    """Whether ``onednn_linear`` may run ``linear`` on ``tensor``: at inference (no graph to keep), on a bare linear
+    (and bare ``others``)."""
+    if tensor.requires_grad or (torch.is_grad_enabled() and any(p.requires_grad for p in linear.parameters())):
+        return False
+    return fast_path_allowed("onednn_linear", layer.fast_paths, tensor, linear, *others)
+
+
+def linear_gelu(layer: BlockInterface, normed: torch.Tensor) -> torch.Tensor | None:
+    """``layer.act(layer.pwconv1(normed))`` as one oneDNN matmul with the bias and GELU as post-ops (inference, CPU,
+    exact GELU), or ``None`` where the path may not run."""
+    if layer.hidden_act != "gelu" or not onednn_allowed(layer, layer.pwconv1, normed, layer.act):
+        return None
+    return linear_by_onednn(layer.pwconv1, normed, gelu=True)
+
+
+def linear_by_onednn(linear: nn.Linear, inputs: torch.Tensor, gelu: bool) -> torch.Tensor | None:
+    """``linear(inputs)`` (then GELU) by ``onednn_linear`` in the compute dtype (autocast's where it is on, as
+    ``F.linear`` would cast), or ``None`` where oneDNN cannot run it."""
+    dtype = compute_dtype(inputs)
+    bias = None if linear.bias is None else linear.bias.to(dtype)
+    return onednn_linear(inputs.to(dtype), linear.weight.to(dtype), bias, gelu)
 
 
 # the hidden activation (pwconv1's output) of a batch above which inference runs the block's MLP in chunks of samples,
@@ -297,7 +369,7 @@ MLP_CHUNK_ELEMENTS = 1 << 21
 
 def mlp_in_chunks(layer: BlockInterface, features: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor | None:
     """``pwconv2(grn(act(pwconv1(layernorm(features))), visible))`` at inference, a few samples at a time (each
-    through ``gelu_grn_linear``'s paths), or ``None`` where the path may not run. Every step is per sample (GRN's
+    through the paths of ``block_mlp``), or ``None`` where the path may not run. Every step is per sample (GRN's
     statistics are a sample's own; the rest is per position), so the numbers are the same.
 
     The hidden activation is the widest tensor of the network (at 224 px, batch 8, stage 1: 19 MB in bf16, 39 MB in
@@ -320,11 +392,8 @@ def run_mlp_in_chunks(
 ) -> torch.Tensor:
     outputs = []
     for start in range(0, features.shape[0], samples):
-        hidden = layer.pwconv1(layer.layernorm(features[start : start + samples]))
         part = None if visible is None else visible[start : start + samples]
-        fast = gelu_grn_linear(layer, hidden, part)
-        outputs.append(layer.pwconv2(layer.grn(layer.act(hidden), part)) if fast is None else fast)
-        del hidden
+        outputs.append(_mlp(layer, features[start : start + samples], part))
     return torch.cat(outputs)
 
 
@@ -651,6 +720,7 @@ def downsample_as_matmul(windows: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor
 
 __all__ = [
     "BlockInterface",
+    "block_mlp",
     "dense_depthwise_conv",
     "DEVICE_DEFAULTS",
     "GRNInterface",

@@ -41,9 +41,8 @@ from transformers.utils.output_capturing import capture_outputs
 from .compat_convnextv2 import functorch_transforms_active
 from .configuration_convnextv2 import MAX_BLOCKS, MAX_PARAMETERS, ConvNextV2Config, check_local_path
 from .fast_paths_convnextv2 import (
+    block_mlp,
     dense_depthwise_conv,
-    gelu_grn_linear,
-    mlp_in_chunks,
     sparse_depthwise_conv,
     sparse_downsample_matmul,
 )
@@ -649,11 +648,10 @@ class ConvNextV2Layer(GradientCheckpointingLayer):
         else:
             features = stage_mask.depthwise_conv(self.dwconv, hidden_states, self.fast_paths)
             visible = stage_mask.grn_visible(features)
-        fast = mlp_in_chunks(self, features, visible)  # the same numbers, a few samples at a time (inference)
+        fast = block_mlp(self, features, visible)  # the same numbers, by the fast paths that may run here
         if fast is None:
             features = self.pwconv1(self.layernorm(features))
-            fast = gelu_grn_linear(self, features, visible)  # the same numbers, where a fast path may run
-            fast = self.pwconv2(self.grn(self.act(features), visible)) if fast is None else fast
+            fast = self.pwconv2(self.grn(self.act(features), visible))
         features = self.drop_path(fast)
         features = features.permute(0, 3, 1, 2) if stage_mask is None else stage_mask.to_residual(features)
         return hidden_states + features

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
+from helpers import randomize_, tiny_config
 from torch import nn
 from transformers.models.auto import image_processing_auto
 from transformers.pipelines import PIPELINE_REGISTRY
@@ -25,7 +27,7 @@ PACKAGE = Path(compat_convnextv2.__file__).parent
 def test_every_private_internal_is_as_the_package_expects():
     problems = internal_problems()
     assert problems == [], "private internals of transformers/torch changed:\n" + "\n".join(problems)
-    assert len(INTERNALS) == 8
+    assert len(INTERNALS) == 9
 
 
 def problem_naming(fragment: str) -> str:
@@ -62,6 +64,44 @@ def test_a_convolution_backward_with_other_argument_names_is_named(monkeypatch):
 
     monkeypatch.setattr(torch.ops.aten, "convolution_backward", renamed)
     assert "cannot be called by argument names" in problem_naming("torch.ops.aten.convolution_backward")
+
+
+def test_a_missing_onednn_linear_is_named_and_the_layers_run(monkeypatch):
+    # without Inductor's oneDNN linear (a torch that drops or renames it), the check names it, onednn_linear declines,
+    # and a model asking for the path gives the reference logits through its nn.Linear layers
+    from convnextv2_hf import ConvNextV2ForImageClassification
+
+    x, weight, bias = torch.randn(4, 3), torch.randn(5, 3), torch.randn(5)
+    fused = compat_convnextv2.onednn_linear(x, weight, bias, gelu=True)
+    assert torch.allclose(fused, F.gelu(F.linear(x, weight, bias)), atol=1e-5)
+    torch.manual_seed(0)
+    reference = randomize_(ConvNextV2ForImageClassification(tiny_config(fast_paths=False))).eval()
+    model = ConvNextV2ForImageClassification(tiny_config(fast_paths=["onednn_linear"])).eval()
+    model.load_state_dict(reference.state_dict())
+    pixels = torch.randn(2, 3, 64, 64)
+    monkeypatch.setattr(torch.ops, "mkldnn", type("Namespace", (), {})(), raising=False)
+    assert "is gone" in problem_naming("torch.ops.mkldnn._linear_pointwise")
+    assert compat_convnextv2.onednn_linear(x, weight, bias, gelu=True) is None
+    with torch.no_grad():
+        assert torch.allclose(model(pixels).logits, reference(pixels).logits, atol=1e-5)
+
+
+def test_onednn_linear_declines_what_it_cannot_run():
+    # other devices, dtypes that oneDNN's linear does not take here, mixed dtypes, oneDNN switched off: None, so the
+    # caller runs the layer
+    x, weight, bias = torch.randn(4, 3), torch.randn(5, 3), torch.randn(5)
+    assert compat_convnextv2.onednn_linear(x.double(), weight.double(), bias.double(), gelu=False) is None
+    assert compat_convnextv2.onednn_linear(x.half(), weight.half(), bias.half(), gelu=False) is None
+    assert compat_convnextv2.onednn_linear(x.bfloat16(), weight, bias, gelu=False) is None
+    assert compat_convnextv2.onednn_linear(x.to("meta"), weight.to("meta"), bias.to("meta"), gelu=False) is None
+    assert compat_convnextv2.onednn_linear(torch.randn(3), weight, bias, gelu=False) is None
+    enabled = torch.backends.mkldnn.enabled
+    try:
+        torch.backends.mkldnn.enabled = False
+        assert compat_convnextv2.onednn_linear(x, weight, bias, gelu=False) is None
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+    assert torch.allclose(compat_convnextv2.onednn_linear(x, weight, None, gelu=False), F.linear(x, weight), atol=1e-6)
 
 
 def test_a_convolution_backward_with_other_results_is_named(monkeypatch):

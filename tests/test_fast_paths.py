@@ -44,6 +44,7 @@ def count_calls(monkeypatch):
     wrap("SparseDepthwiseConv.apply", fast.SparseDepthwiseConv, "apply")
     wrap("DenseDepthwiseConv.apply", fast.DenseDepthwiseConv, "apply")
     wrap("run_mlp_in_chunks")
+    wrap("onednn_linear")
     wrap("differentiable_backward")
     monkeypatch.setattr(torch.ops.aten, "gelu_", _counting(torch.ops.aten.gelu_, counts, "gelu_"), raising=False)
     return counts
@@ -67,6 +68,7 @@ EVIDENCE = {
     "sparse_downsample_matmul": "downsample_as_matmul",
     "dense_depthwise_conv": "DenseDepthwiseConv.apply",
     "chunked_mlp": "run_mlp_in_chunks",
+    "onednn_linear": "onednn_linear",
 }
 FCMAE_ONLY = {"sparse_depthwise_conv", "sparse_downsample_matmul"}  # paths of the sparse FCMAE encoder
 
@@ -84,6 +86,8 @@ def test_each_fast_path_alone_gives_the_reference_outputs_and_gradients(name, de
     # classifier (inference: fold, in-place GELU, norm; training: fused function, norm) and the sparse FCMAE
     # (training: sparse depthwise conv; training and inference: the downsampling matmul), each with only `name`
     # switched on, against fast_paths=False
+    if name == "onednn_linear" and not onednn_runs_here(device):
+        pytest.skip("oneDNN's linear runs on CPU only, with torch built with oneDNN")
     torch.manual_seed(0)
     reference_config, fast_config = tiny_config(fast_paths=False), tiny_config(fast_paths=[name])
     model_class = ConvNextV2ForMaskedImageModeling if name in FCMAE_ONLY else None
@@ -109,6 +113,10 @@ def test_each_fast_path_alone_gives_the_reference_outputs_and_gradients(name, de
     for other, evidence in EVIDENCE.items():
         if other != name and evidence != EVIDENCE[name]:
             assert count_calls.get(evidence, 0) == 0, f"{other} ran though only {name} was on"
+
+
+def onednn_runs_here(device) -> bool:
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
 def assert_same_parameter_grads(model, reference, tolerance: float = 1e-5):
@@ -170,6 +178,10 @@ def test_fast_paths_false_runs_none_and_true_runs_the_device_defaults(device, co
     # training paths, and the MLP in chunks, which only large maps take
     not_in_classifier_inference = {"fused_gelu_grn_linear", "dense_depthwise_conv", "chunked_mlp"} | FCMAE_ONLY
     expected = set(fast.DEVICE_DEFAULTS.get((device.type, torch.float32), frozenset())) - not_in_classifier_inference
+    if "onednn_linear" in expected and onednn_runs_here(device):
+        expected.discard("inplace_gelu")  # GELU is then a post-op of pwconv1's matmul: there is no GELU to run in place
+    else:
+        expected.discard("onednn_linear")
     assert ran == expected
 
 
@@ -180,7 +192,9 @@ def test_fast_paths_true_follows_the_compute_dtype(dtype, how, monkeypatch, coun
     # only the square-sum norm for `dtype`, `True` runs exactly that one in `dtype` (weights in `dtype` or fp32 under
     # autocast), and all of them in fp32. The table is patched here (a test table, not the measured one): it is the
     # switch under test; the counters prove which functions ran.
-    table = {("cpu", torch.float32): frozenset(FAST_PATH_NAMES), ("cpu", dtype): frozenset({"square_sum_norm"})}
+    # (oneDNN's linear is left out of the fp32 row: it would fuse GELU away, and in-place GELU is one of the counters)
+    every = frozenset(FAST_PATH_NAMES) - {"onednn_linear"}
+    table = {("cpu", torch.float32): every, ("cpu", dtype): frozenset({"square_sum_norm"})}
     monkeypatch.setattr(fast, "DEVICE_DEFAULTS", table)
     torch.manual_seed(0)
     model = randomize_(ConvNextV2ForImageClassification(tiny_config(fast_paths=True))).eval()
@@ -211,8 +225,9 @@ def test_fast_paths_true_follows_the_compute_dtype(dtype, how, monkeypatch, coun
 
 
 def test_the_measured_table_has_a_row_per_device_and_dtype():
-    # CPU fp32 keeps every path (measured); CUDA stays off in every dtype until `make gpu-check` measures it
-    assert fast.DEVICE_DEFAULTS[("cpu", torch.float32)] == frozenset(FAST_PATH_NAMES)
+    # CPU fp32 keeps every path but the GRN fold, which oneDNN's plain linear outruns there (measured); CUDA stays off
+    # in every dtype until `make gpu-check` measures it
+    assert fast.DEVICE_DEFAULTS[("cpu", torch.float32)] == frozenset(FAST_PATH_NAMES) - {"grn_fold"}
     # CPU bf16 keeps every path but the MLP in chunks: the ablation on a native-bf16 CPU (AVX512-BF16) showed none
     # slower, and the chunks no faster (BENCHMARKS.md)
     assert fast.DEVICE_DEFAULTS[("cpu", torch.bfloat16)] == frozenset(FAST_PATH_NAMES) - {"chunked_mlp"}
@@ -225,11 +240,11 @@ def test_the_measured_table_has_a_row_per_device_and_dtype():
 def test_fast_path_allowed_says_no_while_tracing_compiling_exporting_and_under_functorch():
     x = torch.randn(2, 3)
     linear = torch.nn.Linear(3, 3)
-    assert fast.fast_path_allowed("grn_fold", True, x, linear)
-    assert fast.fast_path_allowed("grn_fold", ["grn_fold"], x.to("meta"), linear)  # a list: on any device
-    assert not fast.fast_path_allowed("grn_fold", True, x.to("meta"), linear)  # no defaults for an unknown device
-    assert not fast.fast_path_allowed("grn_fold", False, x, linear)
-    assert not fast.fast_path_allowed("grn_fold", ["square_sum_norm"], x, linear)
+    assert fast.fast_path_allowed("inplace_gelu", True, x, linear)
+    assert fast.fast_path_allowed("inplace_gelu", ["inplace_gelu"], x.to("meta"), linear)  # a list: on any device
+    assert not fast.fast_path_allowed("inplace_gelu", True, x.to("meta"), linear)  # no defaults for an unknown device
+    assert not fast.fast_path_allowed("inplace_gelu", False, x, linear)
+    assert not fast.fast_path_allowed("inplace_gelu", ["square_sum_norm"], x, linear)
     seen = {}
 
     def probe(tensor):
@@ -267,15 +282,39 @@ def test_a_wrapped_or_hooked_layer_is_never_bypassed():
     hooked.register_forward_hook(lambda module, args, output: None)
     pre_hooked_grn = ConvNextV2GRN(3)
     pre_hooked_grn.register_forward_pre_hook(lambda module, args: None)
-    assert fast.fast_path_allowed("grn_fold", True, x, ConvNextV2GRN(3), torch.nn.Linear(3, 3))
-    assert not fast.fast_path_allowed("grn_fold", True, x, LinearWithAdapter(3, 3))
-    assert not fast.fast_path_allowed("grn_fold", True, x, hooked)
-    assert not fast.fast_path_allowed("grn_fold", True, x, pre_hooked_grn, torch.nn.Linear(3, 3))
+    assert fast.fast_path_allowed("grn_fold", ["grn_fold"], x, ConvNextV2GRN(3), torch.nn.Linear(3, 3))
+    assert not fast.fast_path_allowed("grn_fold", ["grn_fold"], x, LinearWithAdapter(3, 3))
+    assert not fast.fast_path_allowed("grn_fold", ["grn_fold"], x, hooked)
+    assert not fast.fast_path_allowed("grn_fold", ["grn_fold"], x, pre_hooked_grn, torch.nn.Linear(3, 3))
     handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
     try:
-        assert not fast.fast_path_allowed("grn_fold", True, x, torch.nn.Linear(3, 3))
+        assert not fast.fast_path_allowed("grn_fold", ["grn_fold"], x, torch.nn.Linear(3, 3))
     finally:
         handle.remove()
+
+
+def test_onednn_linear_calls_a_hooked_linear_as_its_module(device, count_calls):
+    # a forward hook on every block's pwconv1 and pwconv2 (as a PEFT adapter or a feature probe would add): the hooks
+    # see every call, oneDNN's linear runs none of them, and the logits equal fast_paths=False (fp32, 1e-5)
+    if not onednn_runs_here(device):
+        pytest.skip("oneDNN's linear runs on CPU only, with torch built with oneDNN")
+    torch.manual_seed(0)
+    reference = randomize_(ConvNextV2ForImageClassification(tiny_config(fast_paths=False))).to(device).eval()
+    model = ConvNextV2ForImageClassification(tiny_config(fast_paths=["onednn_linear"])).to(device).eval()
+    model.load_state_dict(reference.state_dict())
+    pixels = torch.randn(2, 3, 64, 64, device=device)
+    with torch.no_grad():
+        expected = reference(pixels).logits
+        unhooked = model(pixels).logits
+        assert count_calls.pop("onednn_linear", 0) > 0  # unhooked, the path runs
+        seen = []
+        linears = [m for name, m in model.named_modules() if name.endswith(("pwconv1", "pwconv2"))]
+        for linear in linears:
+            linear.register_forward_hook(lambda module, args, output: seen.append(module))
+        got = model(pixels).logits
+    assert "onednn_linear" not in count_calls and len(seen) == len(linears)
+    assert max_diff(got, expected) <= 1e-5 * max(1.0, expected.abs().max().item())
+    assert max_diff(unhooked, expected) <= 1e-5 * max(1.0, expected.abs().max().item())
 
 
 @pytest.mark.parametrize("masked", [False, True])

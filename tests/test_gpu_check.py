@@ -195,6 +195,7 @@ def test_the_ablation_switches_a_path_on_where_it_helps_and_hurts_nowhere():
         "sparse_downsample_matmul": "not measured",
         "dense_depthwise_conv": "not measured",
         "chunked_mlp": "not measured",
+        "onednn_linear": "not measured",
     }
     assert ablation["suggested_defaults"] == ["grn_fold", "fused_gelu_grn_linear"]
     assert ablation["paths"]["fused_gelu_grn_linear"]["effects"]["train memory"] == pytest.approx(1 / 1.5)

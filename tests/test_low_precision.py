@@ -144,6 +144,42 @@ def test_depthwise_conv_gradients_in_half_precision_accumulate_in_fp32(dtype, ho
             assert error < (8 if name == "input" else 2) * ROUNDING[dtype], (side, name, error)
 
 
+@pytest.mark.parametrize("how", ["weights", "autocast"])
+def test_onednn_linear_in_bf16_matches_fp64(how):
+    # a block's LayerNorm -> pwconv2 at inference with only oneDNN's linear on (pwconv1 + bias + GELU in one matmul,
+    # pwconv2 + bias in another), in bf16 weights and under bf16 autocast, on (2, 56, 56, 16) activations of ~1e3:
+    # within 8 roundings of the output's scale of fp64 on the same rounded values, as the layers' own bf16 math is
+    if not fast.native_bf16_cpu() or not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN's bf16 linear runs only on a CPU with native bf16")
+    layer, reference = _block_in(torch.bfloat16, ["onednn_linear"], dim=16)
+    values = trained_magnitude((2, 56, 56, 16), torch.bfloat16)
+    expected = reference.pwconv2(reference.grn(reference.act(reference.pwconv1(reference.layernorm(values.double())))))
+    calls = []
+    original = fast.onednn_linear
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return original(*args, **kwargs)
+
+    fast.onednn_linear = counted
+    try:
+        with torch.no_grad():
+            if how == "weights":
+                got = fast.block_mlp(layer, values, None)
+            else:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    got = fast.block_mlp(layer.float(), values.float(), None)
+    finally:
+        fast.onednn_linear = original
+    assert calls == [torch.bfloat16, torch.bfloat16]  # pwconv1 (with GELU) and pwconv2, both in bf16
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert max_relative_error(got, expected) < 8 * ROUNDING[torch.bfloat16], max_relative_error(got, expected)
+    plain = reference.float().to(torch.bfloat16)  # the layers' own bf16 math, for the record of what 8 roundings is
+    with torch.no_grad():
+        layers = plain.pwconv2(plain.grn(plain.act(plain.pwconv1(plain.layernorm(values)))))
+    assert max_relative_error(got, expected) <= 2 * max_relative_error(layers, expected) + ROUNDING[torch.bfloat16]
+
+
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
 def test_layernorm_in_half_precision_matches_fp64(dtype, data_format):
