@@ -44,6 +44,7 @@ from convnextv2_hf import (  # noqa: E402
     ConvNextV2ForImageClassification,
     ConvNextV2ForMaskedImageModeling,
 )
+from convnextv2_hf.compat_convnextv2 import onednn_linear  # noqa: E402
 from convnextv2_hf.configuration_convnextv2 import FAST_PATH_NAMES  # noqa: E402
 from convnextv2_hf.fast_paths_convnextv2 import native_bf16_cpu  # noqa: E402
 
@@ -843,16 +844,21 @@ def machine_facts(device: torch.device) -> dict:
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int, seconds: float = 1.0) -> float | None:
-    """GFLOPS of a timed square matmul in ``dtype``, the best of repeats over about ``seconds``: the machine's
-    practical peak, which each case's share is taken of. The side grows from 256 up to ``size`` while one product
-    takes under 50 ms, so an emulated dtype (bf16 on a CPU without native bf16, ~100x slower) is timed in seconds,
-    not minutes. ``None`` where the dtype does not run there."""
+    """GFLOPS of a timed square matmul in ``dtype``, the best of repeats over about ``seconds`` for each of torch's
+    matmul kernels (``torch.mm``; on CPU also oneDNN's linear, which the ``onednn_linear`` path runs: in fp32
+    ``torch.mm`` is MKL's, half as fast on an AMD CPU): the machine's practical peak, which each case's share is
+    taken of. The side grows from 256 up to ``size`` while one product takes under 50 ms, so an emulated dtype (bf16
+    on a CPU without native bf16, ~100x slower) is timed in seconds, not minutes. ``None`` where the dtype does not
+    run there."""
+    kernels = [torch.mm]
+    if device.type == "cpu":
+        kernels.append(lambda a, b: onednn_linear(a, b, None, gelu=False))  # a @ b.T: the same work
 
-    def timed(a, b) -> float:
+    def timed(a, b, kernel=torch.mm) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        torch.mm(a, b)
+        kernel(a, b)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -868,10 +874,15 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int, seco
         if side >= size or timed(a, b) >= 0.05:
             break
         side = min(2 * side, size)
-    best, spent = float("inf"), 0.0
-    while spent < seconds or best == float("inf"):
-        elapsed = timed(a, b)
-        best, spent = min(best, elapsed), spent + elapsed
+    best = float("inf")
+    for kernel in kernels:
+        if kernel(a, b) is None:  # oneDNN cannot run this dtype here
+            continue
+        fastest, spent = float("inf"), 0.0
+        while spent < seconds or fastest == float("inf"):
+            elapsed = timed(a, b, kernel)
+            fastest, spent = min(fastest, elapsed), spent + elapsed
+        best = min(best, fastest)
     return 2 * side**3 / best / 1e9
 
 

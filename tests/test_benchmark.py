@@ -102,6 +102,28 @@ def test_a_preset_sets_defaults_that_flags_override():
     assert benchmark.parse_args([]).modes == ["eager"]
 
 
+def test_the_matmul_peak_is_the_best_of_torchs_matmul_kernels(monkeypatch):
+    # the peak each case's share is taken of times torch.mm and, on CPU, oneDNN's linear (the onednn_linear path's
+    # kernel; in fp32 torch.mm is MKL's, half as fast on an AMD CPU), and keeps the faster; a dtype oneDNN declines
+    # (fp16 here) is timed on torch.mm alone
+    benchmark = load_benchmark_module()
+    calls = []
+    real = benchmark.onednn_linear
+
+    def counted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(benchmark, "onednn_linear", counted)
+    cpu = torch.device("cpu")
+    peak = benchmark.matmul_peak_gflops(cpu, torch.float32, 256, seconds=0.05)
+    assert peak > 0 and calls and all(calls)
+    calls.clear()
+    assert benchmark.matmul_peak_gflops(cpu, torch.float16, 64, seconds=0.01) > 0
+    assert calls == [False]
+
+
 @pytest.mark.slow
 def test_time_budget_skips_what_would_start_after_it_and_still_writes_the_json(tmp_path):
     output = tmp_path / "results.json"
