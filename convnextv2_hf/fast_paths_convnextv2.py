@@ -215,8 +215,9 @@ def square_sum_norm(positions: torch.Tensor) -> torch.Tensor:
     (``DEVICE_DEFAULTS``), and the chunk size was measured on CPU only.
 
     The sum accumulates in fp32 (fp64 for fp64) whatever the input dtype. A bf16 input is squared in bf16 where no
-    graph is kept: each square is rounded once (at most 2^-9 relative; bf16 has fp32's range, so it cannot
-    overflow), which keeps the norm within 2^-10 of the exact one, below the rounding of GRN's own bf16 output, and
+    graph is kept: each square is rounded once (at most 2^-8 relative, half an ulp of bf16's 8-bit significand;
+    bf16 has fp32's range, so it cannot overflow), which keeps the norm within 2^-9 of the exact one (the square root
+    halves a relative error), below the rounding of GRN's own bf16 output (2^-8), and
     saves the pass that widens the whole activation to fp32 (BENCHMARKS.md, "bf16 inference and training, fewer
     fresh pages"). fp16 is widened first: its squares overflow above 256.
     """
@@ -434,9 +435,15 @@ def grn_into_linear(
     return output.view(*hidden_states.shape[:-1], linear.out_features)
 
 
-def _gelu_grn_linear(grn, activated, linear, visible, norm, fold: bool) -> torch.Tensor:
+def _gelu_grn_linear(grn, activated, linear, visible, norm, fold: bool, inplace: bool = False) -> torch.Tensor:
+    """``linear(grn(activated, visible))`` from GRN's norm; ``inplace``: GRN's output is written over ``activated``
+    (only where nothing else reads it: no autograd graph, a tensor of the caller's own)."""
     if fold:
         return grn_into_linear(grn, activated, linear, visible, norm)
+    if inplace:
+        scale = grn.scale(norm).to(activated.dtype)
+        scale = scale.reshape(scale.shape[0], *[1] * (activated.ndim - 2), scale.shape[1])
+        return linear(torch.addcmul(grn.bias.reshape(-1).to(activated.dtype), activated, scale, out=activated))
     return linear(grn(activated, visible, norm=norm))
 
 
@@ -462,6 +469,15 @@ def differentiable_backward(ctx, recompute, inputs: tuple, grad_output: torch.Te
     return tuple(result)
 
 
+def _grn_output_grad_weight(grad_flat, activated, beta, scale, weight, inplace: bool = False) -> torch.Tensor:
+    """pwconv2's weight gradient, ``grad^T @ grn(activated)``, GRN's output written over ``activated`` if
+    ``inplace``."""
+    shift = beta.reshape(-1).to(activated.dtype)
+    grn_output = torch.addcmul(shift, activated, scale, out=activated if inplace else None)
+    channels = activated.shape[-1]
+    return (grad_flat.t() @ grn_output.reshape(-1, channels).to(grad_flat.dtype)).to(weight.dtype)
+
+
 class GeluGrnLinear(torch.autograd.Function):
     """``linear(grn(gelu(h), visible))`` for training that keeps only ``h`` (and GRN's (N, C) norms) for the
     backward. Autograd through the modules would keep GELU's output too, and GRN's where it is not folded: both are
@@ -475,7 +491,8 @@ class GeluGrnLinear(torch.autograd.Function):
         activated = F.gelu(h)
         norm = grn_norm(grn, activated, visible, square_sum)
         ctx.save_for_backward(h, norm, gamma, beta, weight, visible)
-        return _gelu_grn_linear(grn, activated, linear, visible, norm, fold)
+        # GELU's output is this function's own (no graph is recorded here): GRN's output may overwrite it
+        return _gelu_grn_linear(grn, activated, linear, visible, norm, fold, inplace=True)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -502,15 +519,15 @@ class GeluGrnLinear(torch.autograd.Function):
         scale = gamma.reshape(-1) * relative + 1.0
         scale_as_input = scale.to(dtype).reshape(per_channel)
         grad_flat = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_weight = grad_bias = None
-        if needs_weight:
-            grn_output = torch.addcmul(beta.reshape(-1).to(dtype), activated, scale_as_input)
-            grad_weight = (grad_flat.t() @ grn_output.reshape(-1, channels).to(grad_flat.dtype)).to(weight.dtype)
-            del grn_output
-        if needs_bias:
-            grad_bias = grad_flat.sum(dim=0, dtype=accumulate).to(weight.dtype)
+        grad_bias = grad_flat.sum(dim=0, dtype=accumulate).to(weight.dtype) if needs_bias else None
         if not (needs_h or needs_gamma or needs_beta):
+            grad_weight = None
+            if needs_weight:
+                grad_weight = _grn_output_grad_weight(grad_flat, activated, beta, scale_as_input, weight)
             return (None, None, None, grad_weight, grad_bias) + no_grad_for_the_rest
+        # Two activation-sized tensors are allocated (GELU's recomputed output and the gradient of GRN's output);
+        # every later step writes over one of them once it is no longer read. Each fresh allocation of that size
+        # is page-faulted in at 4 KB a time, which cost a bf16 step more than the elementwise math itself.
         grad_grn_output = (grad_flat @ weight.to(grad_flat.dtype)).view(h.shape).to(dtype)
         grad_positions = grad_grn_output.flatten(1, -2)  # (N, positions, C)
         grad_beta = position_sum(grad_positions).sum(dim=0).reshape(beta.shape)
@@ -523,10 +540,16 @@ class GeluGrnLinear(torch.autograd.Function):
         # d norm / d x = x / norm at visible positions; 0 where the norm is 0 (as torch's norm defines it)
         grad_over_norm = torch.where(norm > 0, grad_norm / torch.where(norm > 0, norm, 1.0), 0.0)
         statistics_input = activated if visible is None else activated * visible
-        grad_activated = torch.addcmul(
-            grad_grn_output * scale_as_input, statistics_input, grad_over_norm.to(dtype).reshape(per_channel)
+        # d loss / d GELU's output = grad * scale + statistics_input * grad_over_norm, over the gradient of GRN's
+        # output (read for the last time above); the same roundings as the out-of-place ops
+        grad_activated = grad_grn_output.mul_(scale_as_input).addcmul_(
+            statistics_input, grad_over_norm.to(dtype).reshape(per_channel)
         )
-        grad_h = torch.ops.aten.gelu_backward(grad_activated, h)
+        del statistics_input
+        grad_weight = None
+        if needs_weight:  # GRN's output over GELU's (read for the last time above)
+            grad_weight = _grn_output_grad_weight(grad_flat, activated, beta, scale_as_input, weight, inplace=True)
+        grad_h = torch.ops.aten.gelu_backward.grad_input(grad_activated, h, grad_input=activated)
         grads = (grad_h, grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype), grad_weight, grad_bias)
         return grads + no_grad_for_the_rest
 

@@ -432,6 +432,9 @@ def image_folder_dataset(
     (``convnextv2_hf.bounded_image_feature``): bounded by the pixel limit like every other way in (an image over it
     is a ``ValueError`` naming the file and the limit), EXIF orientation applied, mode kept.
 
+    ``skip_corrupt_images`` needs a transform (the transform is what skips), and a stream takes none here: either
+    combination that would be silently ignored is a ``ValueError``.
+
     Returns a ``DatasetDict``. Checked first (``check_image_folder``), ``ValueError`` naming the problem: the folder
     does not exist or is a file, holds no images, a file name that is not valid UTF-8, or (unless
     ``drop_labels=True``) a class folder without images, which would silently drop its class.
@@ -440,6 +443,16 @@ def image_folder_dataset(
 
     from .bounded_image_feature import bounded_images
 
+    if streaming and transform is not None:
+        raise ValueError(
+            "image_folder_dataset(streaming=True) gives a stream that no transform is applied to here: pass "
+            "transform=None and give the stream its transform with streaming_image_dataset"
+        )
+    if skip_corrupt_images and transform is None:
+        raise ValueError(
+            "skip_corrupt_images=True needs a transform: without one the image feature decodes each image when it "
+            "is read, and raises on an unreadable file (give a transform, or use streaming_image_dataset for a stream)"
+        )
     root = Path(data_dir)
     check_image_folder(root, labelled=drop_labels is not True)
     splits = load_dataset("imagefolder", data_dir=str(root), streaming=streaming, drop_labels=drop_labels)

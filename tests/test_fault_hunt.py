@@ -2137,6 +2137,21 @@ def _skip_corrupt(ctx):
     expect_check(any("a/0.png" in message for message in records), f"no warning naming the file: {records}")
 
 
+@case("training/skip-corrupt-images-without-a-transform", error=r"skip_corrupt_images=True needs a transform")
+def _skip_without_transform(ctx):
+    from convnextv2_hf.transforms import image_folder_dataset
+
+    # without a transform nothing would skip: the image feature raises on the file when it is read
+    image_folder_dataset(image_folder(ctx.path("data"), splits=("",)), skip_corrupt_images=True)
+
+
+@case("training/streamed-image-folder-with-a-transform", error=r"no transform is applied to here")
+def _streamed_with_transform(ctx):
+    from convnextv2_hf.transforms import image_folder_dataset
+
+    image_folder_dataset(image_folder(ctx.path("data"), splits=("",)), _train_transform, streaming=True)
+
+
 add(
     "training/image-folder-missing",
     lambda ctx: __import__("convnextv2_hf.transforms").transforms.image_folder_dataset(ctx.path("x")),
