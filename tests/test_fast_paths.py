@@ -404,6 +404,51 @@ def test_gelu_grn_linear_function_equals_autograd_through_the_modules_in_fp64(
         assert (got_grad - expected_grad).abs().max().item() <= 1e-12 * max(1.0, expected_grad.abs().max().item())
 
 
+class _ActivationAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the distinct storages of ``numel`` elements that ops create (views and in-place or ``out=`` results
+    share a storage that already exists). Every result is kept alive, so no freed storage is handed out again and
+    counted twice."""
+
+    def __init__(self, numel: int, existing):
+        super().__init__()
+        self.numel, self.seen, self.kept = numel, {t.untyped_storage().data_ptr() for t in existing}, []
+        self.created = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for tensor in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(tensor, torch.Tensor) and tensor.numel() == self.numel:
+                pointer = tensor.untyped_storage().data_ptr()
+                if pointer not in self.seen:
+                    self.seen.add(pointer)
+                    self.created += 1
+                self.kept.append(tensor)
+        return result
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_gelu_grn_linear_function_allocates_two_activations_in_its_backward(fold):
+    # pwconv1's output of (4, 32, 32, 1024): 16 MB in fp32, page-faulted in afresh each time a tensor of that size is
+    # allocated. The forward allocates one (GELU's output; GRN's is written over it), the backward two (GELU's
+    # recomputed output and the gradient of GRN's output; every later step overwrites one of them). Out of place
+    # they were one and six. One sample per chunk, so the norm's scratch is a quarter of that size.
+    torch.manual_seed(0)
+    grn, linear = randomize_(ConvNextV2GRN(1024), scale=0.5), torch.nn.Linear(1024, 64)
+    h = torch.randn(4, 32, 32, 1024, requires_grad=True)
+    parameters = (grn.weight, grn.bias, linear.weight, linear.bias)
+    with _ActivationAllocations(h.numel(), [h]) as forward:
+        output = fast.GeluGrnLinear.apply(h, *parameters, grn, linear, None, fold, True)
+    grad_output = torch.randn_like(output)
+    with _ActivationAllocations(h.numel(), [h]) as backward:
+        grads = torch.autograd.grad(output, [h, *parameters], grad_output)
+    assert forward.created == 1
+    assert backward.created == 2
+    expected = linear(grn(torch.nn.functional.gelu(h)))
+    expected_grads = torch.autograd.grad(expected, [h, *parameters], grad_output)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert max_diff(got, want) <= 1e-4 * want.abs().max().item()
+
+
 def test_square_sum_norm_in_chunks_equals_the_norm():
     # 2M values per sample: at inference it squares 2 samples at a time, so 5 samples take 3 chunks
     positions = torch.randn(5, 2048, 1024)
