@@ -433,9 +433,10 @@ def run_inference(bench: Bench) -> None:
                     (f"infer {name} {low}-autocast {mode}", args.batch, autocast_step(model, pixels, bench, low_dtype),
                      anchor, extra)
                 )  # fmt: skip
-        for case in (f"infer ours {low}-autocast compile", f"infer ours {low}-weights compile"):
-            if compiled and case in {case[0] for case in cases}:
-                bench.comparisons.append((case, "infer openvino default eager"))
+        names = {name for name, *_ in cases}
+        for row in (f"infer ours {low}-autocast compile", f"infer ours {low}-weights compile"):
+            if compiled and row in names:
+                bench.comparisons.append((row, "infer openvino default eager"))
         bench.measure(cases)
         if not compiled:
             # each runtime in a round-robin of its own, after the torch cases and against their built-in anchor: a

@@ -324,7 +324,7 @@ def gelu_grn_linear(
         inplace = False
     else:
         inplace = exact_gelu and fast_path_allowed("inplace_gelu", setting, features, layer.pwconv1, layer.act)
-    onednn = onednn_allowed(layer, linear, features)
+    onednn = not fold and onednn_allowed(layer, linear, features)  # pwconv2 by oneDNN where GRN is not folded
     if not (fold or square_sum or inplace or onednn or activated):
         return None
     # in place only where no autograd graph needs GELU's input, and pwconv1 has no hook that may have kept it
