@@ -67,9 +67,14 @@ class GRNInterface(Protocol):
         """The per-sample channel scale from ``norm``, (N, C)."""
 
     def __call__(
-        self, hidden_states: torch.Tensor, visible: torch.Tensor | None = None, norm: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        visible: torch.Tensor | None = None,
+        norm: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """GRN of ``hidden_states`` (channels last), with ``norm`` when already computed."""
+        """GRN of ``hidden_states`` (channels last), with ``norm`` when already computed, written into ``out`` when
+        given."""
 
 
 class BlockInterface(Protocol):
@@ -440,11 +445,7 @@ def _gelu_grn_linear(grn, activated, linear, visible, norm, fold: bool, inplace:
     (only where nothing else reads it: no autograd graph, a tensor of the caller's own)."""
     if fold:
         return grn_into_linear(grn, activated, linear, visible, norm)
-    if inplace:
-        scale = grn.scale(norm).to(activated.dtype)
-        scale = scale.reshape(scale.shape[0], *[1] * (activated.ndim - 2), scale.shape[1])
-        return linear(torch.addcmul(grn.bias.reshape(-1).to(activated.dtype), activated, scale, out=activated))
-    return linear(grn(activated, visible, norm=norm))
+    return linear(grn(activated, visible, norm=norm, out=activated if inplace else None))
 
 
 def autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
@@ -469,13 +470,10 @@ def differentiable_backward(ctx, recompute, inputs: tuple, grad_output: torch.Te
     return tuple(result)
 
 
-def _grn_output_grad_weight(grad_flat, activated, beta, scale, weight, inplace: bool = False) -> torch.Tensor:
-    """pwconv2's weight gradient, ``grad^T @ grn(activated)``, GRN's output written over ``activated`` if
-    ``inplace``."""
-    shift = beta.reshape(-1).to(activated.dtype)
-    grn_output = torch.addcmul(shift, activated, scale, out=activated if inplace else None)
-    channels = activated.shape[-1]
-    return (grad_flat.t() @ grn_output.reshape(-1, channels).to(grad_flat.dtype)).to(weight.dtype)
+def _linear_weight_grad(grad_flat: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A linear's weight gradient, ``grad^T @ inputs`` (inputs flattened to rows), in the weight's dtype."""
+    rows = inputs.reshape(-1, inputs.shape[-1]).to(grad_flat.dtype)
+    return (grad_flat.t() @ rows).to(weight.dtype)
 
 
 class GeluGrnLinear(torch.autograd.Function):
@@ -523,7 +521,7 @@ class GeluGrnLinear(torch.autograd.Function):
         if not (needs_h or needs_gamma or needs_beta):
             grad_weight = None
             if needs_weight:
-                grad_weight = _grn_output_grad_weight(grad_flat, activated, beta, scale_as_input, weight)
+                grad_weight = _linear_weight_grad(grad_flat, ctx.grn(activated, visible, norm=norm), weight)
             return (None, None, None, grad_weight, grad_bias) + no_grad_for_the_rest
         # Two activation-sized tensors are allocated (GELU's recomputed output and the gradient of GRN's output);
         # every later step writes over one of them once it is no longer read. Each fresh allocation of that size
@@ -548,7 +546,8 @@ class GeluGrnLinear(torch.autograd.Function):
         del statistics_input
         grad_weight = None
         if needs_weight:  # GRN's output over GELU's (read for the last time above)
-            grad_weight = _grn_output_grad_weight(grad_flat, activated, beta, scale_as_input, weight, inplace=True)
+            grn_output = ctx.grn(activated, visible, norm=norm, out=activated)
+            grad_weight = _linear_weight_grad(grad_flat, grn_output, weight)
         grad_h = torch.ops.aten.gelu_backward.grad_input(grad_activated, h, grad_input=activated)
         grads = (grad_h, grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype), grad_weight, grad_bias)
         return grads + no_grad_for_the_rest

@@ -323,14 +323,22 @@ class ConvNextV2GRN(nn.Module):
         return self.weight.reshape(-1) * relative_norm + 1.0
 
     def forward(
-        self, hidden_states: torch.Tensor, visible: torch.Tensor | None = None, norm: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        visible: torch.Tensor | None = None,
+        norm: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``norm``: Gx when already computed (N, C); by default ``self.norm(hidden_states, visible)``."""
+        """``norm``: Gx when already computed (N, C); by default ``self.norm(hidden_states, visible)``. ``out``: the
+        tensor to write the result into (``hidden_states`` itself, where the caller owns it and no graph needs it)."""
         norm = self.norm(hidden_states, visible) if norm is None else norm
         scale = self.scale(norm).to(hidden_states.dtype)
         scale = scale.reshape(scale.shape[0], *[1] * (hidden_states.ndim - 2), scale.shape[1])
         # gamma * (x * Nx) + beta + x == x * (1 + gamma * Nx) + beta, one pass over x
-        return torch.addcmul(self.bias.reshape(-1).to(hidden_states.dtype), hidden_states, scale)
+        shift = self.bias.reshape(-1).to(hidden_states.dtype)
+        if out is None:
+            return torch.addcmul(shift, hidden_states, scale)
+        return torch.addcmul(shift, hidden_states, scale, out=out)
 
 
 class ConvNextV2LayerNorm(nn.LayerNorm):
