@@ -46,6 +46,7 @@ from convnextv2_hf import (  # noqa: E402
 )
 from convnextv2_hf.compat_convnextv2 import onednn_linear  # noqa: E402
 from convnextv2_hf.configuration_convnextv2 import FAST_PATH_NAMES  # noqa: E402
+from convnextv2_hf.cpu_memory import freed_memory_kept, glibc_version, keep_freed_memory  # noqa: E402
 from convnextv2_hf.fast_paths_convnextv2 import native_bf16_cpu  # noqa: E402
 
 # Defaults that a preset sets; any flag given on the command line wins over them.
@@ -146,6 +147,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="free one 32 MiB block first, so that every case meets glibc at its largest mmap threshold "
         "(reproducible page faults; see prime_allocator)",
+    )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="make glibc keep freed memory for reuse before anything runs (convnextv2_hf.cpu_memory, what the "
+        "examples do when training on CPU); the JSON's machine facts say which allocator setting the run had",
     )
     parser.add_argument("--output", default="benchmarks/results.json")
     preset = parser.parse_known_args(argv)[0].preset
@@ -836,6 +843,8 @@ def machine_facts(device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_average": [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "glibc": glibc_version(),
+        "freed_memory_kept": freed_memory_kept(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
@@ -984,6 +993,8 @@ def prime_allocator() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.keep_freed_memory and not keep_freed_memory():
+        print("--keep-freed-memory: the C library is not glibc; the allocator is left as it is")
     if args.prime_allocator:
         prime_allocator()
     bench = Bench(args)
@@ -995,7 +1006,8 @@ def main(argv: list[str] | None = None) -> None:
     machine = bench.machine
     print(
         f"cpu capability {machine['cpu_capability']}, amx_bf16 {machine['amx_bf16']}, avx512_bf16 "
-        f"{machine['avx512_bf16']}, load average {machine['load_average']}"
+        f"{machine['avx512_bf16']}, load average {machine['load_average']}, glibc {machine['glibc']}, "
+        f"freed memory kept {machine['freed_memory_kept']}"
     )
     if not machine["native_bf16"] and bench.device.type == "cpu":
         bench.notes.append("no native bf16 on this CPU (no AMX-BF16, no AVX512-BF16): torch emulates bf16, so the "

@@ -28,6 +28,8 @@ from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
+from .cpu_memory import check_keep_freed_memory
+
 REFERENCE_BATCH = 256  # lr = base_learning_rate * total_batch / REFERENCE_BATCH
 
 FINETUNE_RECIPES: dict[str, dict[str, Any]] = {
@@ -148,6 +150,8 @@ def check_training_values(args: TrainingArguments) -> None:
             check_range(name, value, **bounds)
     if args.num_train_epochs is not None and args.num_train_epochs <= 0 and args.max_steps <= 0:
         raise ValueError(f"num_train_epochs must be > 0 (or give --max_steps), got {args.num_train_epochs}")
+    if hasattr(args, "keep_freed_memory"):
+        check_keep_freed_memory(args.keep_freed_memory)
 
 
 @dataclass
@@ -155,7 +159,9 @@ class CheckedTrainingArguments(TrainingArguments):
     """``TrainingArguments`` for long runs: values checked when parsed (``check_training_values``), a diverged run
     stopped at its first non-finite loss or gradient (``StopOnNonFiniteCallback``, on unless
     ``--stop_on_non_finite false``), a non-finite loss logged as what it is, and resumes that are all or nothing
-    (``resume_checkpoint``) unless ``--allow_fresh_optimizer``."""
+    (``resume_checkpoint``) unless ``--allow_fresh_optimizer``, and on CPU freed memory kept for reuse
+    (``KeepFreedMemoryCallback``) unless ``--keep_freed_memory off``; ``training.run_callbacks`` gives those
+    callbacks."""
 
     stop_on_non_finite: bool = field(
         default=True,
@@ -166,6 +172,14 @@ class CheckedTrainingArguments(TrainingArguments):
         metadata={
             "help": "resume from a checkpoint lacking optimizer.pt/scheduler.pt, this process count's RNG states or "
             "the EMA weights: those start afresh, with a warning (else the resume is refused)"
+        },
+    )
+    keep_freed_memory: str = field(
+        default="auto",
+        metadata={
+            "help": "make glibc keep freed memory for reuse, so CPU training steps stop page-faulting it back in "
+            "(KeepFreedMemoryCallback): auto (when training on the CPU), on, off",
+            "choices": ["auto", "on", "off"],
         },
     )
     # the stock default (True) logs a NaN/inf loss as the mean of the finite ones: a diverged run looks healthy

@@ -31,6 +31,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from .configuration_convnextv2 import ConvNextV2Config
+from .cpu_memory import check_keep_freed_memory, glibc_version, keep_freed_memory
 from .modeling_convnextv2 import check_finite_weights, check_safetensors_files, draw_mask, num_kept_patches
 from .recipes import check_training_values
 
@@ -903,6 +904,52 @@ class FCMAEReconstructionCallback(TrainerCallback):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Keeping freed memory on CPU
+# ----------------------------------------------------------------------------------------------------------
+
+
+class KeepFreedMemoryCallback(TrainerCallback):
+    """At the start of training, make glibc keep freed memory for reuse (``cpu_memory.keep_freed_memory``), so
+    that a CPU training step stops page-faulting its activations and gradients back in every step (BENCHMARKS.md,
+    "glibc keeping freed memory in training"). ``"auto"``: only when the Trainer trains on the CPU; ``"on"``: on any
+    device (the host side of a GPU run allocates little); ``"off"``: nothing. It acts on the whole process, from then
+    on; where the C library is not glibc it changes nothing (with a warning under ``"on"``)."""
+
+    def __init__(self, setting: str = "auto"):
+        check_keep_freed_memory(setting)
+        self.setting = setting
+        self.kept = False
+
+    def on_train_begin(self, args: TrainingArguments, state, control, **kwargs):
+        if self.setting == "off" or (self.setting == "auto" and args.device.type != "cpu"):
+            return
+        self.kept = keep_freed_memory()
+        if self.kept:
+            logger.info(
+                "glibc keeps freed memory for reuse in this process from now on (--keep_freed_memory off: not kept)"
+            )
+        elif self.setting == "on":
+            found = glibc_version()
+            logger.warning(
+                "--keep_freed_memory on: nothing changed, "
+                + ("glibc refused the thresholds" if found else "the C library is not glibc")
+            )
+
+
+def run_callbacks(training_args: TrainingArguments) -> list[TrainerCallback]:
+    """The callbacks that ``CheckedTrainingArguments`` (``recipes``) asks for: ``StopOnNonFiniteCallback`` unless
+    ``--stop_on_non_finite false``, ``KeepFreedMemoryCallback`` unless ``--keep_freed_memory off``. Stock
+    ``TrainingArguments`` (no such fields) get both with their defaults."""
+    callbacks: list[TrainerCallback] = []
+    if getattr(training_args, "stop_on_non_finite", True):
+        callbacks.append(StopOnNonFiniteCallback())
+    setting = getattr(training_args, "keep_freed_memory", "auto")
+    if setting != "off":
+        callbacks.append(KeepFreedMemoryCallback(setting))
+    return callbacks
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Running a script
 # ----------------------------------------------------------------------------------------------------------
 
@@ -939,6 +986,8 @@ __all__ = [
     "FCMAEReconstructionCallback",
     "NonFiniteTrainingError",
     "StopOnNonFiniteCallback",
+    "KeepFreedMemoryCallback",
+    "run_callbacks",
     "check_checkpoint_fits",
     "check_safetensors_files",
     "CheckpointCheck",

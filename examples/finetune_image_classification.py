@@ -41,11 +41,11 @@ from convnextv2_hf.recipes import (
 )
 from convnextv2_hf.training import (
     EMACallback,
-    StopOnNonFiniteCallback,
     check_checkpoint_fits,
     finish_distributed_run,
     layer_decay_optimizer,
     resume_checkpoint,
+    run_callbacks,
     setup_script_logging,
 )
 from convnextv2_hf.transforms import (
@@ -245,7 +245,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
         cutmix_alpha=training_args.cutmix,
         label_smoothing=training_args.label_smoothing,
     )
-    callbacks = [StopOnNonFiniteCallback()] if training_args.stop_on_non_finite else []
+    callbacks = run_callbacks(training_args)  # stop at a non-finite step; on CPU, freed memory kept
     if training_args.ema_decay > 0:
         callbacks.append(EMACallback(training_args.ema_decay, allow_fresh_start=training_args.allow_fresh_optimizer))
     return Trainer(

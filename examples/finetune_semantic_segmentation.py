@@ -53,12 +53,12 @@ from convnextv2_hf.metrics import MeanIoU
 from convnextv2_hf.recipes import CheckedTrainingArguments, check_finite_arguments, check_range
 from convnextv2_hf.training import (
     LAYER_DECAY_TYPES,
-    StopOnNonFiniteCallback,
     check_checkpoint_fits,
     check_safetensors_files,
     finish_distributed_run,
     layer_decay_optimizer,
     resume_checkpoint,
+    run_callbacks,
 )
 from convnextv2_hf.transforms import IMAGE_EXTENSIONS, check_file_names, check_output_outside_data
 
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer_cls_and_kwargs=layer_decay_optimizer(
             model, training_args, model_args.layer_decay, model_args.layer_decay_type
         ),
-        callbacks=[StopOnNonFiniteCallback()] if training_args.stop_on_non_finite else None,
+        callbacks=run_callbacks(training_args),
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate()

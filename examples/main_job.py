@@ -8,12 +8,15 @@
    ``pipeline("image-classification")`` and print predictions.
 
     python examples/main_job.py [--output_dir outputs/main_job] [--quick] [--bf16_autocast auto|on|off] [--seed 0]
+                                [--keep_freed_memory auto|on|off]
 
 ``--quick`` runs a much shorter schedule (for the test suite); the accuracy target is for the full run.
 ``--bf16_autocast``: pretraining and fine-tuning under bf16 autocast (the Trainer's ``--bf16``). ``auto`` (the
 default) uses it only on a CPU with native bf16 (AMX-BF16 or AVX512-BF16), where it can be faster; elsewhere torch
 emulates bf16, slower than fp32, and the job runs in fp32. On an AVX512-BF16 CPU bf16 kept the held-out accuracy
 (-0.28 and +0.56 points on two seeds) and was 1.08-1.16x faster: BENCHMARKS.md, "The main job in bf16".
+``--keep_freed_memory``: the scripts' flag (``KeepFreedMemoryCallback``), passed on; ``auto`` keeps freed memory in
+the process while training on the CPU (BENCHMARKS.md, "glibc keeping freed memory in training").
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_image_classification  # noqa: E402
 import pretrain_fcmae  # noqa: E402
 
+from convnextv2_hf.cpu_memory import KEEP_FREED_MEMORY_SETTINGS, check_keep_freed_memory  # noqa: E402
 from convnextv2_hf.fast_paths_convnextv2 import native_bf16_cpu  # noqa: E402
 
 IMAGE_SIZE = 64
@@ -47,6 +51,13 @@ class MainJobArguments:
         metadata={
             "help": "bf16 autocast in pretraining and fine-tuning: auto (only on a CPU with native bf16), on, off",
             "choices": ["auto", "on", "off"],
+        },
+    )
+    keep_freed_memory: str = field(
+        default="auto",
+        metadata={
+            "help": "glibc keeps freed memory for reuse while training: auto (on the CPU), on, off",
+            "choices": list(KEEP_FREED_MEMORY_SETTINGS),
         },
     )
 
@@ -78,8 +89,10 @@ def write_digits(root: Path, image_size: int, validation_fraction: float = 0.2, 
     return {"train": len(train_ids), "validation": len(validation_ids)}
 
 
-def common_arguments(output_dir: Path, epochs: float, batch: int, bf16: bool = False, seed: int = 0) -> list[str]:
-    return (["--bf16", "true"] if bf16 else []) + [
+def common_arguments(
+    output_dir: Path, epochs: float, batch: int, bf16: bool = False, seed: int = 0, keep_freed_memory: str = "auto"
+) -> list[str]:
+    return (["--bf16", "true"] if bf16 else []) + ["--keep_freed_memory", keep_freed_memory] + [
         "--output_dir", str(output_dir), "--num_train_epochs", str(epochs), "--per_device_train_batch_size",
         str(batch), "--per_device_eval_batch_size", "128", "--use_cpu", "--report_to", "none",
         "--save_strategy", "no", "--logging_steps", "20", "--seed", str(seed), "--dataloader_num_workers", "0",
@@ -88,11 +101,18 @@ def common_arguments(output_dir: Path, epochs: float, batch: int, bf16: bool = F
 
 
 def finetune(
-    output_dir: Path, data_dir: Path, model: list[str], epochs: float, bf16: bool = False, seed: int = 0
+    output_dir: Path,
+    data_dir: Path,
+    model: list[str],
+    epochs: float,
+    bf16: bool = False,
+    seed: int = 0,
+    keep_freed_memory: str = "auto",
 ) -> dict:
     return finetune_image_classification.main(
         [
-            *common_arguments(output_dir, epochs, 32, bf16, seed), "--data_dir", str(data_dir), *model,
+            *common_arguments(output_dir, epochs, 32, bf16, seed, keep_freed_memory),
+            "--data_dir", str(data_dir), *model,
             "--recipe", "atto", "--learning_rate", "2e-3", "--warmup_steps", "0.1", "--lr_scheduler_type", "cosine",
             "--weight_decay", "0.05", "--horizontal_flip", "false", "--rand_augment_magnitude", "5",
             "--random_erasing", "0", "--ema_decay", "0", "--eval_strategy", "no",
@@ -105,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(args.output_dir)
     pretrain_epochs, finetune_epochs = (0.5, 0.5) if args.quick else (10, 8)
     bf16 = use_bf16_autocast(args.bf16_autocast)
+    check_keep_freed_memory(args.keep_freed_memory)
+    keep = args.keep_freed_memory
     started = time.perf_counter()
     if bf16:
         why = "asked for" if args.bf16_autocast == "on" else "this CPU has native bf16; --bf16_autocast off for fp32"
@@ -117,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
 
     pretrain_fcmae.main(
         [
-            *common_arguments(output / "fcmae", pretrain_epochs, 64, bf16, args.seed),
+            *common_arguments(output / "fcmae", pretrain_epochs, 64, bf16, args.seed, keep),
             "--train_dir", str(data_dir / "train"),
             "--model_size", "atto", "--mask_ratio", "0.5", "--decoder_hidden_size", "256",
             "--learning_rate", "2e-3", "--warmup_steps", "0.1", "--lr_scheduler_type", "cosine",
@@ -129,10 +151,10 @@ def main(argv: list[str] | None = None) -> None:
 
     pretrained = finetune(
         output / "classifier", data_dir, ["--model_name_or_path", str(output / "fcmae")], finetune_epochs, bf16,
-        args.seed,
-    )
+        args.seed, keep,
+    )  # fmt: skip
     scratch = finetune(
-        output / "classifier_from_scratch", data_dir, ["--model_size", "atto"], finetune_epochs, bf16, args.seed
+        output / "classifier_from_scratch", data_dir, ["--model_size", "atto"], finetune_epochs, bf16, args.seed, keep
     )
     best = "eval_accuracy"
 
@@ -150,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         "held_out_accuracy_random_init": scratch[best],
         "metric": best,
         "bf16_autocast": bf16,
+        "keep_freed_memory": keep,
         "seconds": round(elapsed),
     }
     (output / "summary.json").write_text(json.dumps(summary, indent=2))

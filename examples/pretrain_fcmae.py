@@ -44,11 +44,11 @@ from convnextv2_hf.training import (
     FCMAECollator,
     FCMAEMaskEpochCallback,
     FCMAEReconstructionCallback,
-    StopOnNonFiniteCallback,
     check_checkpoint_fits,
     fcmae_loss,
     finish_distributed_run,
     resume_checkpoint,
+    run_callbacks,
     setup_script_logging,
     skips_weight_decay,
 )
@@ -265,8 +265,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, training
         data_collator=collator,
         compute_loss_func=fcmae_loss,
         optimizer_cls_and_kwargs=adamw_with_weight_decay_exclusions(model, training_args),
-        callbacks=[FCMAEMaskEpochCallback(collator), reconstructions]
-        + ([StopOnNonFiniteCallback()] if training_args.stop_on_non_finite else []),
+        callbacks=[FCMAEMaskEpochCallback(collator), reconstructions, *run_callbacks(training_args)],
     )
 
 

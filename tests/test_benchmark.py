@@ -58,6 +58,8 @@ def test_benchmark_runs_every_group_and_writes_ratios(tmp_path):
     machine = document["machine"]
     assert machine["cpu"] and machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert isinstance(machine["native_bf16"], bool) and len(machine["load_average"]) == 3
+    # the allocator setting the run had (--keep-freed-memory not given: glibc's own)
+    assert machine["glibc"] == os.confstr("CS_GNU_LIBC_VERSION").split()[1] and machine["freed_memory_kept"] is False
     assert document["matmul_peak_gflops"]["fp32"] > 0 and document["matmul_peak_gflops"]["bf16"] > 0
     ours = rows["infer ours eager"]
     assert ours["precision"] == "fp32" and ours["gflop_per_image"] > 0
