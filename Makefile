@@ -63,12 +63,15 @@ transformers-suite: $(BIN)/.installed
 # the launching python3, python3 on the PATH; INSTALL=1 builds build/gpu-check-venv from PyPI where none does.
 #   make gpu-check GPU_CHECK_OUTPUT=/path/gpu_check.json    # default outputs/gpu_check_<device>[_smoke].json
 #   make gpu-check DEVICE=cpu SMOKE=1                       # CPU smoke: tiny sizes, nothing compiled (< 1 minute)
+#   make gpu-check GPU_CHECK_ARGS="--ablate-precisions fp32 bf16-autocast"   # any flag of gpu_check.py: here the
+#                                                           # ablation's precisions, in the order the budget keeps them
 DEVICE ?= cuda
 SMOKE ?=
 INSTALL ?=
 GPU_CHECK_PYTHON ?=
 GPU_CHECK_OUTPUT ?=
+GPU_CHECK_ARGS ?=
 .PHONY: gpu-check
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --device $(DEVICE) $(if $(SMOKE),--smoke) $(if $(INSTALL),--install-env) \
-		$(if $(GPU_CHECK_PYTHON),--python $(GPU_CHECK_PYTHON)) $(if $(GPU_CHECK_OUTPUT),--output $(GPU_CHECK_OUTPUT))
+		$(if $(GPU_CHECK_PYTHON),--python $(GPU_CHECK_PYTHON)) $(if $(GPU_CHECK_OUTPUT),--output $(GPU_CHECK_OUTPUT)) $(GPU_CHECK_ARGS)

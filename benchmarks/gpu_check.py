@@ -67,6 +67,9 @@ GRACE_S = {"tests": 20.0, "benchmark eager": 45.0, "benchmark compiled": 45.0}  
 # bf16 and fp16 and plain fp32, each a row of DEVICE_DEFAULTS (device, dtype); the time budget cuts from the end
 GPU_ABLATE_PRECISIONS = ["bf16-autocast", "bf16", "fp16", "fp32"]
 SMOKE_ABLATE_PRECISIONS = ["bf16-autocast", "bf16"]
+# the precisions of the run's own dtype (--preset gpu: bf16 autocast): benchmark.py names the rows of the first
+# ablation precision without a suffix when it is one of these, and every other precision's rows with " [precision]"
+RUN_PRECISIONS = ("bf16", "bf16-autocast")
 # the dtype (DEVICE_DEFAULTS key) of each precision: autocast counts as its dtype
 PRECISION_DTYPES = {"bf16-autocast": "bfloat16", "bf16": "bfloat16", "fp16-autocast": "float16", "fp16": "float16",
                     "fp32": "float32"}  # fmt: skip
@@ -141,6 +144,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="JSON file (default: outputs/gpu_check_<device>[_smoke].json)")
     parser.add_argument("--python", help="the interpreter for the phases (default: the first that qualifies)")
     parser.add_argument("--install-env", action="store_true", help=f"no Python qualifies: build {INSTALLED_ENV}")
+    parser.add_argument(
+        "--ablate-precisions",
+        nargs="+",
+        choices=list(PRECISION_DTYPES),
+        help="the ablation's precisions, in order (default: " + " ".join(GPU_ABLATE_PRECISIONS) + "; smoke: "
+        + " ".join(SMOKE_ABLATE_PRECISIONS) + "); e.g. fp32 alone, for a second call that fills what a budget cut",
+    )
     for phase in GPU_BUDGETS:
         flag = "--" + phase.replace("benchmark ", "").replace(" ", "-") + "-budget"
         parser.add_argument(flag, type=float, dest=phase.replace(" ", "_"), help=f"seconds for phase '{phase}'")
@@ -154,6 +164,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if given is not None and given < 0:
             parser.error(f"the budget of phase '{phase}' must be >= 0 seconds, got {given}")
         args.budgets[phase] = default if given is None else given
+    if args.ablate_precisions is None:
+        args.ablate_precisions = SMOKE_ABLATE_PRECISIONS if args.smoke else GPU_ABLATE_PRECISIONS
+    elif len(set(args.ablate_precisions)) != len(args.ablate_precisions):
+        parser.error(f"--ablate-precisions names a precision twice: {' '.join(args.ablate_precisions)}")
     device_type = args.device.split(":")[0]
     args.output = Path(
         args.output or ROOT / "outputs" / f"gpu_check_{device_type}{'_smoke' if args.smoke else ''}.json"
@@ -354,7 +368,7 @@ def run_benchmark(args, python: str, phase: str, deadline: float, workdir: Path)
     command += (SMOKE_SIZES if args.smoke else []) + ["--modes", *modes, "--only", *groups]
     command += ["--runtimes"]  # ONNX Runtime / OpenVINO rows are CPU deployment anchors, not part of this check
     if "ablate" in groups:
-        command += ["--ablate-precisions", *(SMOKE_ABLATE_PRECISIONS if args.smoke else GPU_ABLATE_PRECISIONS)]
+        command += ["--ablate-precisions", *args.ablate_precisions]
     command += ["--time-budget", f"{_left(deadline):.0f}", "--output", str(output)]
     result = run_phase(command, deadline + GRACE_S[phase], 0.0, interrupt_first=False)
     benchmark = json.loads(output.read_text()) if output.exists() else None
@@ -404,13 +418,19 @@ def evaluate_targets(rows: dict[str, dict], vitmae: str) -> list[dict]:
     return targets
 
 
+def row_suffix(precision: str, index: int) -> str:
+    """How benchmark.py names the ablation rows of the ``index``-th ``--ablate-precisions`` entry: no suffix for the
+    first where it is the run's own precision (``RUN_PRECISIONS``), else `` [precision]``."""
+    return "" if index == 0 and precision in RUN_PRECISIONS else f" [{precision}]"
+
+
 def ablation_by_precision(rows: dict[str, dict], precisions: list[str]) -> dict:
-    """``ablation_verdicts`` for every precision the ablation ran in (the first is the run's own, its rows named
-    without a suffix), and per dtype the paths on in every precision of that dtype: the suggested row
+    """``ablation_verdicts`` for every precision the ablation ran in (rows named as ``row_suffix`` says), and per
+    dtype the paths on in every precision of that dtype: the suggested row
     ``DEVICE_DEFAULTS[(device, dtype)]`` (bf16 weights and bf16 autocast both decide the bf16 row)."""
     by_precision = {}
     for index, precision in enumerate(precisions):
-        verdicts = ablation_verdicts(rows, "" if index == 0 else f" [{precision}]")
+        verdicts = ablation_verdicts(rows, row_suffix(precision, index))
         if any(entry["verdict"] != "not measured" for entry in verdicts["paths"].values()):
             by_precision[precision] = verdicts
     by_dtype: dict[str, list[str]] = {}
@@ -577,9 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     vitmae = "tiny" if args.smoke else "base"
     report["targets"] = evaluate_targets(rows, vitmae)
     report["ablation"] = ablation_verdicts(rows)
-    report["ablation_by_precision"] = ablation_by_precision(
-        rows, SMOKE_ABLATE_PRECISIONS if args.smoke else GPU_ABLATE_PRECISIONS
-    )
+    report["ablation_by_precision"] = ablation_by_precision(rows, args.ablate_precisions)
     report["seconds"] = round(time.monotonic() - started, 1)
     save(report)
     print(format_report(report))

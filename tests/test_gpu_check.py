@@ -116,6 +116,8 @@ def test_cuda_asked_for_without_a_gpu_names_the_reason(tmp_path):
         (["--device", "meta"], "runs on cpu or cuda"),
         (["--device", "cuda:x"], "runs on cpu or cuda"),
         (["--tests-budget", "-5"], "budget of phase 'tests' must be >= 0"),
+        (["--ablate-precisions", "int8"], "invalid choice: 'int8'"),
+        (["--ablate-precisions", "fp32", "bf16", "fp32"], "names a precision twice: fp32 bf16 fp32"),
     ],
 )
 def test_bad_arguments_are_usage_errors(args, message):
@@ -226,6 +228,19 @@ def test_the_per_dtype_suggestion_keeps_a_path_only_where_every_precision_of_the
     assert list(ablation["precisions"]) == ["bf16-autocast", "bf16", "fp32"]  # fp16 not measured: no entry
     assert ablation["precisions"]["bf16-autocast"]["suggested_defaults"] == ["grn_fold", "square_sum_norm"]
     assert ablation["suggested_by_dtype"] == {"bfloat16": ["grn_fold"], "float32": []}
+
+
+def test_the_ablation_precisions_can_be_named_and_rows_are_read_as_benchmark_names_them():
+    assert gpu_check.parse_args([]).ablate_precisions == gpu_check.GPU_ABLATE_PRECISIONS
+    assert gpu_check.parse_args(["--smoke"]).ablate_precisions == gpu_check.SMOKE_ABLATE_PRECISIONS
+    assert gpu_check.parse_args(["--ablate-precisions", "fp32", "fp16"]).ablate_precisions == ["fp32", "fp16"]
+    # a second call for what a budget cut (fp32 alone): benchmark.py names its rows " [fp32]" as it is not the run's
+    # own precision (bf16 autocast under --preset gpu), first or not
+    name = "ablate infer ours, without grn_fold [fp32]"
+    rows = {name: {"name": name, "ratio": 1.3, "memory_ratio": 1.0}}
+    ablation = gpu_check.ablation_by_precision(rows, ["fp32"])
+    assert ablation["precisions"]["fp32"]["paths"]["grn_fold"]["verdict"] == "off: slower"
+    assert gpu_check.row_suffix("bf16", 0) == "" and gpu_check.row_suffix("bf16", 1) == " [bf16]"
 
 
 def test_the_ablation_knows_every_fast_path_and_where_it_runs():
