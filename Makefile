@@ -63,8 +63,8 @@ transformers-suite: $(BIN)/.installed
 # the launching python3, python3 on the PATH; INSTALL=1 builds build/gpu-check-venv from PyPI where none does.
 #   make gpu-check GPU_CHECK_OUTPUT=/path/gpu_check.json    # default outputs/gpu_check_<device>[_smoke].json
 #   make gpu-check DEVICE=cpu SMOKE=1                       # CPU smoke: tiny sizes, nothing compiled (< 1 minute)
-#   make gpu-check GPU_CHECK_ARGS="--ablate-precisions fp32 bf16-autocast"   # any flag of gpu_check.py: here the
-#                                                           # ablation's precisions, in the order the budget keeps them
+#   make gpu-check GPU_CHECK_ARGS="--tests-budget 0 --groups ablate --ablate-precisions fp32"   # any flag of
+#                                                           # gpu_check.py: a second call for what budgets cut
 DEVICE ?= cuda
 SMOKE ?=
 INSTALL ?=

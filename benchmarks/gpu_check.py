@@ -70,6 +70,8 @@ SMOKE_ABLATE_PRECISIONS = ["bf16-autocast", "bf16"]
 # the precisions of the run's own dtype (--preset gpu: bf16 autocast): benchmark.py names the rows of the first
 # ablation precision without a suffix when it is one of these, and every other precision's rows with " [precision]"
 RUN_PRECISIONS = ("bf16", "bf16-autocast")
+# the benchmark groups (benchmark.py --only) of each benchmark phase; --groups keeps a subset
+PHASE_GROUPS = {"benchmark eager": ["infer", "train", "fcmae", "ablate"], "benchmark compiled": ["infer", "fcmae"]}
 # the dtype (DEVICE_DEFAULTS key) of each precision: autocast counts as its dtype
 PRECISION_DTYPES = {"bf16-autocast": "bfloat16", "bf16": "bfloat16", "fp16-autocast": "float16", "fp16": "float16",
                     "fp32": "float32"}  # fmt: skip
@@ -150,6 +152,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=list(PRECISION_DTYPES),
         help="the ablation's precisions, in order (default: " + " ".join(GPU_ABLATE_PRECISIONS) + "; smoke: "
         + " ".join(SMOKE_ABLATE_PRECISIONS) + "); e.g. fp32 alone, for a second call that fills what a budget cut",
+    )
+    parser.add_argument(
+        "--groups",
+        nargs="+",
+        choices=PHASE_GROUPS["benchmark eager"],
+        help="only these benchmark groups, in the phases that have them (default: all); e.g. ablate alone, for a "
+        "second call",
     )
     for phase in GPU_BUDGETS:
         flag = "--" + phase.replace("benchmark ", "").replace(" ", "-") + "-budget"
@@ -360,10 +369,14 @@ def run_tests(args: argparse.Namespace, python: str, deadline: float, workdir: P
     return result
 
 
+def phase_groups(args, phase: str) -> list[str]:
+    """The benchmark groups ``phase`` runs: ``PHASE_GROUPS``, kept to ``--groups`` where given."""
+    return [group for group in PHASE_GROUPS[phase] if args.groups is None or group in args.groups]
+
+
 def run_benchmark(args, python: str, phase: str, deadline: float, workdir: Path) -> tuple[dict, dict | None]:
     output = workdir / (phase.replace(" ", "_") + ".json")
-    modes, groups = (["eager"], ["infer", "train", "fcmae", "ablate"]) if phase.endswith("eager") else (
-        ["compile"], ["infer", "fcmae"])  # fmt: skip
+    modes, groups = (["eager"] if phase.endswith("eager") else ["compile"]), phase_groups(args, phase)
     command = [python, str(ROOT / "benchmarks" / "benchmark.py"), "--preset", "gpu", "--device", args.device]
     command += (SMOKE_SIZES if args.smoke else []) + ["--modes", *modes, "--only", *groups]
     command += ["--runtimes"]  # ONNX Runtime / OpenVINO rows are CPU deployment anchors, not part of this check
@@ -574,8 +587,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
         for phase, budget in args.budgets.items():
             deadline += budget
-            if budget == 0 or deadline - time.monotonic() <= 0:  # 0: the phase is off (the smoke run's compiling)
-                reason = "no time left in its budget" if budget else "budget 0 s"
+            asked = phase == "tests" or bool(phase_groups(args, phase))
+            if budget == 0 or not asked or deadline - time.monotonic() <= 0:  # 0: off (the smoke run's compiling)
+                reason = "budget 0 s" if budget == 0 else "none of its groups asked for (--groups)" if not asked else (
+                    "no time left in its budget")  # fmt: skip
                 report["phases"].append({"name": phase, "status": f"skipped: {reason}"})
                 report["skipped"].append({"name": f"phase {phase}", "reason": reason})
                 continue

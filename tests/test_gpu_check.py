@@ -94,6 +94,27 @@ def test_make_gpu_check_cpu_smoke_writes_every_section_and_prints_the_tables(tmp
     assert f"wrote {output}" in summary.splitlines()[-1]
 
 
+@pytest.mark.slow
+def test_a_second_call_runs_only_the_groups_and_precisions_it_names(tmp_path):
+    # what a later GPU session runs for what the first call's budgets cut: the ablation alone, in fp32 first
+    output = tmp_path / "check.json"
+    result = run_check(
+        "--device", "cpu", "--smoke", "--python", sys.executable, "--output", str(output), "--tests-budget", "0",
+        "--compiled-budget", "30", "--groups", "ablate", "--ablate-precisions", "fp32",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert [phase["status"] for phase in report["phases"]][::2] == [
+        "skipped: budget 0 s", "skipped: none of its groups asked for (--groups)"
+    ]  # fmt: skip
+    names = {row["name"] for row in report["rows"]}
+    assert names and all(name.startswith("ablate ") and name.endswith(" [fp32]") for name in names), names
+    assert "ablate infer ours, without grn_fold [fp32]" in names
+    fp32 = report["ablation_by_precision"]["precisions"]["fp32"]["paths"]
+    assert fp32["grn_fold"]["verdict"] != "not measured" and "float32" in report["ablation_by_precision"][
+        "suggested_by_dtype"]  # fmt: skip
+
+
 def test_no_python_that_can_run_the_check_is_a_clear_error(tmp_path):
     missing = tmp_path / "no" / "python"
     result = run_check("--device", "cpu", "--python", str(missing), "--output", str(tmp_path / "x.json"))
@@ -117,6 +138,7 @@ def test_cuda_asked_for_without_a_gpu_names_the_reason(tmp_path):
         (["--device", "cuda:x"], "runs on cpu or cuda"),
         (["--tests-budget", "-5"], "budget of phase 'tests' must be >= 0"),
         (["--ablate-precisions", "int8"], "invalid choice: 'int8'"),
+        (["--groups", "compile"], "invalid choice: 'compile'"),
         (["--ablate-precisions", "fp32", "bf16", "fp32"], "names a precision twice: fp32 bf16 fp32"),
     ],
 )
