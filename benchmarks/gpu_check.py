@@ -587,10 +587,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
         for phase, budget in args.budgets.items():
             deadline += budget
-            asked = phase == "tests" or bool(phase_groups(args, phase))
-            if budget == 0 or not asked or deadline - time.monotonic() <= 0:  # 0: off (the smoke run's compiling)
-                reason = "budget 0 s" if budget == 0 else "none of its groups asked for (--groups)" if not asked else (
-                    "no time left in its budget")  # fmt: skip
+            if budget == 0:  # the phase is off (the smoke run's compiling)
+                reason = "budget 0 s"
+            elif phase != "tests" and not phase_groups(args, phase):
+                reason = "none of its groups asked for (--groups)"
+            elif deadline - time.monotonic() <= 0:
+                reason = "no time left in its budget"
+            else:
+                reason = None
+            if reason:
                 report["phases"].append({"name": phase, "status": f"skipped: {reason}"})
                 report["skipped"].append({"name": f"phase {phase}", "reason": reason})
                 continue

@@ -4,8 +4,8 @@ glibc's ``malloc`` gives every allocation at or above its mmap threshold (128 Ki
 32 MiB) a fresh mapping, and returns freed memory at the top of its heap to the system once more than its trim
 threshold lies free. Each time, the memory is page-faulted back in at 4 KiB a page when it is next written. A
 training step allocates and frees its activations and gradients every step, so on CPU it pays those faults every
-step: for ConvNeXt V2-T at 224 px, batch 8, about a fifth to a third of the step (BENCHMARKS.md, "glibc keeping freed
-memory in training").
+step. What that costs depends on how much a step allocates afresh (BENCHMARKS.md, "glibc keeping freed memory in
+training": most for the built-in classes and the main job, little for our own steps, which reuse their buffers).
 
 ``keep_freed_memory()`` sets both thresholds to their largest value through ``mallopt`` (glibc's public API), so
 freed blocks stay in the heap and the next step reuses them without faults. The cost: the process's resident memory

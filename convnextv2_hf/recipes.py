@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
-from .cpu_memory import check_keep_freed_memory
+from .cpu_memory import KEEP_FREED_MEMORY_SETTINGS, check_keep_freed_memory
 
 REFERENCE_BATCH = 256  # lr = base_learning_rate * total_batch / REFERENCE_BATCH
 
@@ -179,7 +179,7 @@ class CheckedTrainingArguments(TrainingArguments):
         metadata={
             "help": "make glibc keep freed memory for reuse, so CPU training steps stop page-faulting it back in "
             "(KeepFreedMemoryCallback): auto (when training on the CPU), on, off",
-            "choices": ["auto", "on", "off"],
+            "choices": list(KEEP_FREED_MEMORY_SETTINGS),
         },
     )
     # the stock default (True) logs a NaN/inf loss as the mean of the finite ones: a diverged run looks healthy

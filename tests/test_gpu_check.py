@@ -263,6 +263,12 @@ def test_the_ablation_precisions_can_be_named_and_rows_are_read_as_benchmark_nam
     ablation = gpu_check.ablation_by_precision(rows, ["fp32"])
     assert ablation["precisions"]["fp32"]["paths"]["grn_fold"]["verdict"] == "off: slower"
     assert gpu_check.row_suffix("bf16", 0) == "" and gpu_check.row_suffix("bf16", 1) == " [bf16]"
+    # gpu_check.py starts on the standard library alone, so it states the run's own precisions rather than import
+    # benchmark.py: they must stay those of benchmark.py's GPU preset
+    import benchmark
+
+    dtype = benchmark.PRESETS["gpu"]["dtype"]
+    assert gpu_check.RUN_PRECISIONS == (dtype, f"{dtype}-autocast")
 
 
 def test_the_ablation_knows_every_fast_path_and_where_it_runs():
