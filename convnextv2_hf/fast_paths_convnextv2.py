@@ -595,20 +595,31 @@ def depthwise_weight_grad(grad: torch.Tensor, inputs: torch.Tensor, conv: nn.Con
     """The weight gradient of the depthwise conv ``conv`` (``is_depthwise``) from its output gradient and input
     (N, C, H, W), computed in fp32 (fp64 for fp64) whatever their dtype.
 
-    Half-precision maps are widened first: oneDNN's bf16 weight gradient of a depthwise conv was 1.4-2x slower than
-    its fp32 one on an AVX512-BF16 EPYC (BENCHMARKS.md, "the depthwise conv's backward"). Where a map is no larger
-    than the kernel (the last stage at 224 px: 7x7 maps, a 7x7 kernel), it is one grouped conv of the padded input
-    with the gradient as the kernel (per channel, the correlation summed over samples), 2x faster there than the
-    conv backward."""
+    For each sample and channel, the gradient of the k x k kernel is the correlation of the zero-padded input with
+    that sample's output gradient: itself a depthwise conv, with the gradient map as its kernel and an output of
+    the kernel's size. oneDNN's forward depthwise conv runs that 3-10x faster than its own weight-gradient kernel
+    on CPU (BENCHMARKS.md, "the depthwise conv's weight gradient as a forward conv"): one conv per sample (the
+    sample's channels_last map is a view, no copy), summed over samples in the accumulation dtype; where a map is no
+    larger than the kernel (the last stage at 224 px: 7x7 maps), all samples as one conv of N x C groups.
+    Half-precision maps are widened first (oneDNN's bf16 weight gradient was slower than its fp32 one, and the
+    per-sample sums would otherwise be rounded to bf16 before they are added)."""
     accumulate = accumulation_dtype(grad.dtype)
     grad, inputs = grad.to(accumulate), inputs.to(accumulate)
     batch, channels, height, width = grad.shape
     kernel_height, kernel_width = conv.kernel_size
+    if batch == 0:
+        return grad.new_zeros(conv.weight.shape)
     if height * width <= kernel_height * kernel_width:
-        stacked = inputs.transpose(0, 1).reshape(1, channels * batch, height, width)  # (1, C * N, H, W)
-        kernels = grad.transpose(0, 1).reshape(channels, batch, height, width)  # C kernels of N channels
-        return F.conv2d(stacked, kernels, padding=conv.padding, groups=channels).view(conv.weight.shape)
-    return convolution_backward(grad, inputs, conv.weight.to(accumulate), conv, [False, True])[1]
+        stacked = inputs.contiguous().view(1, batch * channels, height, width)
+        kernels = grad.contiguous().view(batch * channels, 1, height, width)
+        per_sample = F.conv2d(stacked, kernels, padding=conv.padding, groups=batch * channels)
+        return per_sample.view(batch, *conv.weight.shape).sum(dim=0)
+    total = None
+    for sample in range(batch):
+        kernels = grad[sample].unsqueeze(1).contiguous()  # (C, 1, H, W): this sample's gradient, a kernel a channel
+        partial = F.conv2d(inputs[sample : sample + 1], kernels, padding=conv.padding, groups=channels)
+        total = partial if total is None else total.add_(partial)
+    return total.view(conv.weight.shape)
 
 
 def _dense_depthwise_conv(hidden_states, weight, bias, conv: nn.Conv2d) -> torch.Tensor:

@@ -141,6 +141,32 @@ def _dense_fcmae_pair(fast_paths: list[str], device):
     return reference.to(device), model.to(device), inputs
 
 
+@pytest.mark.parametrize(
+    "batch, channels, height, width, kernel",
+    [(3, 6, 9, 13, 7), (2, 8, 56, 56, 7), (1, 4, 7, 7, 7), (2, 5, 3, 3, 7), (2, 3, 11, 8, 5), (0, 5, 7, 7, 7)],
+    ids=["non-square", "stage-1 side", "map as large as the kernel", "map smaller than the kernel", "5x5", "empty"],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_depthwise_weight_grad_is_the_conv_backwards_in_fp64(device, batch, channels, height, width, kernel, layout):
+    # the depthwise conv's weight gradient as a forward conv of each sample's input with that sample's gradient as
+    # the kernel (all samples as one conv where a map is no larger than the kernel): the same sums as aten's conv
+    # backward, to fp64 rounding, in either memory layout; an empty batch is a zero gradient
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels).double().to(device)
+    form = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    shape = (batch, channels, height, width)
+    inputs = torch.randn(shape, dtype=torch.float64, device=device).contiguous(memory_format=form)
+    grad = torch.randn(shape, dtype=torch.float64, device=device).contiguous(memory_format=form)
+    got = fast.depthwise_weight_grad(grad, inputs, conv)
+    assert got.shape == conv.weight.shape and got.dtype == torch.float64
+    if batch == 0:
+        assert torch.equal(got, torch.zeros_like(conv.weight))
+        return
+    output = torch.nn.functional.conv2d(inputs, conv.weight, None, 1, conv.padding, 1, channels)
+    (expected,) = torch.autograd.grad(output, conv.weight, grad)
+    assert max_diff(got, expected) < 1e-10 * max(expected.abs().max().item(), 1.0)
+
+
 def test_the_dense_fcmae_recipe_runs_the_dense_depthwise_conv_with_the_reference_gradients(device, count_calls):
     # the paper's masked dense recipe zeroes masked positions around every depthwise conv: the path runs on the
     # masked map, and the loss and every gradient match fast_paths=False (fp32, 1e-5 of the largest)

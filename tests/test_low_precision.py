@@ -116,10 +116,10 @@ def test_gelu_grn_linear_in_half_precision_matches_fp64(dtype, fast_paths):
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
 def test_depthwise_conv_gradients_in_half_precision_accumulate_in_fp32(dtype, how):
     # the block's 7x7 depthwise conv in training by the dense_depthwise_conv path, on (2, 16, 56, 56) maps of ~1e3
-    # (channels_last, as the residual stream is) and at the last stage's size (7x7 maps: the grouped-conv weight
-    # gradient), weights in half precision or fp32 under half autocast. The weight and bias gradients sum over 6272
-    # positions in fp32 and are rounded once to the dtype, so they are within a few roundings of fp64; the input
-    # gradient sums 49 taps, as the conv backward does. Upstream gradients of ~1e-3 keep the sums in fp16's range.
+    # (channels_last, as the residual stream is) and at the last stage's size (7x7 maps: the weight gradient of all
+    # samples as one conv), weights in half precision or fp32 under half autocast. The weight and bias gradients sum
+    # over 6272 positions in fp32 and are rounded once to the dtype, so they are within a few roundings of fp64; the
+    # input gradient sums 49 taps, as the conv backward does. Upstream gradients of ~1e-3 keep the sums in fp16's range.
     for side in (56, 7):
         torch.manual_seed(0)
         conv = randomize_(torch.nn.Conv2d(16, 16, 7, padding=3, groups=16), scale=0.5)
