@@ -21,11 +21,13 @@ the last one, would end after it) is skipped and listed under ``skipped`` in the
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -491,12 +493,17 @@ def autocast_step(model, pixels: torch.Tensor, bench: Bench, dtype: torch.dtype)
 
 
 def compile_frozen(model: torch.nn.Module):
-    """``torch.compile`` with Inductor's freezing (weights folded in as constants: inference only), which is how the
-    compiled low-precision anchor of issue 19 was measured."""
+    """``torch.compile`` with Inductor's freezing (weights folded in as constants and prepacked for oneDNN: inference
+    only), which is how the compiled low-precision anchor of issue 19 was measured; on CPU also with Inductor's C++
+    wrapper (the graph's calls made from C++, not from generated Python: 1.02-1.04x at V2-T batch 8 on the EPYC,
+    BENCHMARKS.md). Both options are read while Dynamo traces, at the first call, so they are patched around every
+    call rather than passed as ``options`` (there, in torch 2.14, freezing does not take effect)."""
+    cpu = all(parameter.device.type == "cpu" for parameter in model.parameters())
     compiled = torch.compile(model.to(memory_format=torch.channels_last))
+    options = {"freezing": True, "cpp_wrapper": cpu}
 
     def run(pixels):
-        with torch._inductor.config.patch(freezing=True):
+        with torch._inductor.config.patch(**options):
             return compiled(pixels.contiguous(memory_format=torch.channels_last))
 
     return run
@@ -528,6 +535,8 @@ def runtime_phases(bench: Bench, model, pixels: torch.Tensor, gflop: float | Non
         bench.note("infer runtimes", f"convnextv2_hf.export not importable ({error})")
         return []
     folder = Path(tempfile.mkdtemp(prefix="benchmark_onnx_"))
+    # the runtimes read the file when their sessions open (in the phases the caller runs): removed at exit
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     path = folder / "model.onnx"
     try:
         export_onnx(model, path)
