@@ -517,7 +517,10 @@ class GeluGrnLinear(torch.autograd.Function):
         scale = gamma.reshape(-1) * relative + 1.0
         scale_as_input = scale.to(dtype).reshape(per_channel)
         grad_flat = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_bias = grad_flat.sum(dim=0, dtype=accumulate).to(weight.dtype) if needs_bias else None
+        # the output gradient summed over every position, in fp32: the bias gradient, and through the weight GRN's
+        # beta gradient below
+        output_sum = grad_flat.sum(dim=0, dtype=accumulate) if (needs_bias or needs_beta) else None
+        grad_bias = output_sum.to(weight.dtype) if needs_bias else None
         if not (needs_h or needs_gamma or needs_beta):
             grad_weight = None
             if needs_weight:
@@ -528,7 +531,9 @@ class GeluGrnLinear(torch.autograd.Function):
         # is page-faulted in at 4 KB a time, which cost a bf16 step more than the elementwise math itself.
         grad_grn_output = (grad_flat @ weight.to(grad_flat.dtype)).view(h.shape).to(dtype)
         grad_positions = grad_grn_output.flatten(1, -2)  # (N, positions, C)
-        grad_beta = position_sum(grad_positions).sum(dim=0).reshape(beta.shape)
+        # beta's gradient is the sum over positions of GRN's output gradient, grad @ W: the summed grad times W (no
+        # pass over the widest activation; nor the rounding of each position's gradient before the sum)
+        grad_beta = (output_sum @ weight.to(accumulate)).reshape(beta.shape) if needs_beta else None
         # d loss / d scale: (N, C)
         grad_scale = position_sum(grad_positions, activated.flatten(1, -2))
         grad_gamma = (grad_scale * relative).sum(dim=0).reshape(gamma.shape)
@@ -549,7 +554,8 @@ class GeluGrnLinear(torch.autograd.Function):
             grn_output = ctx.grn(activated, visible, norm=norm, out=activated)
             grad_weight = _linear_weight_grad(grad_flat, grn_output, weight)
         grad_h = torch.ops.aten.gelu_backward.grad_input(grad_activated, h, grad_input=activated)
-        grads = (grad_h, grad_gamma.to(gamma.dtype), grad_beta.to(beta.dtype), grad_weight, grad_bias)
+        grad_beta = None if grad_beta is None else grad_beta.to(beta.dtype)
+        grads = (grad_h, grad_gamma.to(gamma.dtype), grad_beta, grad_weight, grad_bias)
         return grads + no_grad_for_the_rest
 
 
