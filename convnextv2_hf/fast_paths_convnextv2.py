@@ -111,7 +111,8 @@ class SparseMaskInterface(Protocol):
 #   AVX2 EPYC that emulates bf16, on a busy machine, had dropped in-place GELU and the square-sum norm.
 #   The dense depthwise conv (2026-12-03, same CPU, quiet, V2-T batch 8, interleaved with it off): a training step
 #   1.08x under bf16 autocast, 1.14x with bf16 weights, 1.02x in fp32 (BENCHMARKS.md, "the depthwise conv's
-#   backward").
+#   backward"); with its weight gradient as a forward conv per sample (2026-12-04): 1.17-1.22x under bf16
+#   autocast, 0.98-1.06x in fp32 (BENCHMARKS.md, "the depthwise conv's weight gradient as a forward conv").
 #   The MLP in chunks of samples at inference is not on in bf16: in separate processes (the allocator's state is
 #   the process's) it gained nothing measurable, 0.9-1.1x either way, because the page faults it removes move to
 #   other allocations (BENCHMARKS.md, "fewer fresh pages at inference").
