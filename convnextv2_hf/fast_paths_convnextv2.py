@@ -604,7 +604,7 @@ def depthwise_weight_grad(grad: torch.Tensor, inputs: torch.Tensor, conv: nn.Con
 
     For each sample and channel, the gradient of the k x k kernel is the correlation of the zero-padded input with
     that sample's output gradient: itself a depthwise conv, with the gradient map as its kernel and an output of
-    the kernel's size. oneDNN's forward depthwise conv runs that 3-10x faster than its own weight-gradient kernel
+    the kernel's size. oneDNN's forward depthwise conv runs that 3-13x faster than its own weight-gradient kernel
     on CPU (BENCHMARKS.md, "the depthwise conv's weight gradient as a forward conv"): one conv per sample (the
     sample's channels_last map is a view, no copy), summed over samples in the accumulation dtype; where a map is no
     larger than the kernel (the last stage at 224 px: 7x7 maps), all samples as one conv of N x C groups.
