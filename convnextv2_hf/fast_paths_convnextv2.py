@@ -534,7 +534,7 @@ class GeluGrnLinear(torch.autograd.Function):
         grad_positions = grad_grn_output.flatten(1, -2)  # (N, positions, C)
         # beta's gradient is the sum over positions of GRN's output gradient, grad @ W: the summed grad times W (no
         # pass over the widest activation; nor the rounding of each position's gradient before the sum)
-        grad_beta = (output_sum @ weight.to(accumulate)).reshape(beta.shape) if needs_beta else None
+        grad_beta = (output_sum @ weight.to(accumulate)).reshape(beta.shape).to(beta.dtype) if needs_beta else None
         # d loss / d scale: (N, C)
         grad_scale = position_sum(grad_positions, activated.flatten(1, -2))
         grad_gamma = (grad_scale * relative).sum(dim=0).reshape(gamma.shape)
@@ -555,7 +555,6 @@ class GeluGrnLinear(torch.autograd.Function):
             grn_output = ctx.grn(activated, visible, norm=norm, out=activated)
             grad_weight = _linear_weight_grad(grad_flat, grn_output, weight)
         grad_h = torch.ops.aten.gelu_backward.grad_input(grad_activated, h, grad_input=activated)
-        grad_beta = None if grad_beta is None else grad_beta.to(beta.dtype)
         grads = (grad_h, grad_gamma.to(gamma.dtype), grad_beta, grad_weight, grad_bias)
         return grads + no_grad_for_the_rest
 
@@ -608,8 +607,8 @@ def depthwise_weight_grad(grad: torch.Tensor, inputs: torch.Tensor, conv: nn.Con
     on CPU (BENCHMARKS.md, "the depthwise conv's weight gradient as a forward conv"): one conv per sample (the
     sample's channels_last map is a view, no copy), summed over samples in the accumulation dtype; where a map is no
     larger than the kernel (the last stage at 224 px: 7x7 maps), all samples as one conv of N x C groups.
-    Half-precision maps are widened first (oneDNN's bf16 weight gradient was slower than its fp32 one, and the
-    per-sample sums would otherwise be rounded to bf16 before they are added)."""
+    Half-precision maps are widened first, so that each sample's sums are fp32 before they are added (a bf16 conv
+    would round them to bf16)."""
     accumulate = accumulation_dtype(grad.dtype)
     grad, inputs = grad.to(accumulate), inputs.to(accumulate)
     batch, channels, height, width = grad.shape

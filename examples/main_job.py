@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import finetune_image_classification  # noqa: E402
 import pretrain_fcmae  # noqa: E402
 
-from convnextv2_hf.cpu_memory import KEEP_FREED_MEMORY_SETTINGS, check_keep_freed_memory  # noqa: E402
+from convnextv2_hf.cpu_memory import KEEP_FREED_MEMORY_SETTINGS  # noqa: E402
 from convnextv2_hf.fast_paths_convnextv2 import native_bf16_cpu  # noqa: E402
 
 IMAGE_SIZE = 64
@@ -125,8 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     output = Path(args.output_dir)
     pretrain_epochs, finetune_epochs = (0.5, 0.5) if args.quick else (10, 8)
     bf16 = use_bf16_autocast(args.bf16_autocast)
-    check_keep_freed_memory(args.keep_freed_memory)
-    keep = args.keep_freed_memory
+    keep = args.keep_freed_memory  # one of its choices: the parser refused any other
     started = time.perf_counter()
     if bf16:
         why = "asked for" if args.bf16_autocast == "on" else "this CPU has native bf16; --bf16_autocast off for fp32"
